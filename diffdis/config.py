@@ -1,0 +1,242 @@
+"""Configuration schema: dataclasses that OmegaConf YAML files and ``key=value`` overrides change.
+
+Every field has a comment; unknown keys and wrong types are errors that name the key
+(OmegaConf's structured-config checks, re-raised as :class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class UNetConfig:
+    """Arguments of the tiny ``UNet2DConditionModel`` built when no pretrained UNet is given."""
+
+    sample_size: int = 16  # latent (or pixel) side length
+    in_channels: int = 3  # 3 in pixel space, 4 with an SD VAE
+    out_channels: int = 3
+    block_out_channels: List[int] = field(default_factory=lambda: [64, 128])
+    down_block_types: List[str] = field(default_factory=lambda: ["DownBlock2D", "CrossAttnDownBlock2D"])
+    up_block_types: List[str] = field(default_factory=lambda: ["CrossAttnUpBlock2D", "UpBlock2D"])
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    layers_per_block: int = 1  # resnets per block
+    attention_head_dim: int = 4  # number of heads, in diffusers' (SD-1.x) naming
+    norm_num_groups: int = 16
+    transformer_layers_per_block: int = 1
+
+
+@dataclass
+class TextEncoderConfig:
+    """Tiny CLIP text tower built (and trained) when no pretrained text encoder is given."""
+
+    hidden_size: int = 64  # width of the token states c (the UNet's cross_attention_dim)
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    max_length: int = 16  # tokens per caption, with <bos> and <eos>
+    projection_dim: int = 64  # d_e: width of the text query e
+    vocab_size: int = 256  # upper bound for the tokenizer trained on the captions
+
+
+@dataclass
+class ModelConfig:
+    """Which components to build or load, and the shape of the discrimination stream."""
+
+    pretrained: Optional[str] = None  # SD-1.x folder or hub id; None builds tiny components
+    revision: Optional[str] = None  # hub revision of ``pretrained``
+    use_vae: bool = False  # False: diffusion in pixel space (tiny default)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    fusion: str = "joint"  # "joint" (paper) or "one_way" (image tokens never see the text token)
+    post_mid_layers: int = 1  # M transformer layers after the mid block
+    text_prediction_type: str = "sample"  # the text head predicts e0 ("sample", paper) or noise ("epsilon")
+    train_text_encoder: bool = True  # tiny default trains it; SD fine-tuning usually freezes it
+    gradient_checkpointing: bool = False  # applies to the generation pass
+    enable_xformers: bool = True  # used only where CUDA and xformers are both present
+
+
+@dataclass
+class NoiseConfig:
+    """The diffusion process shared by both streams (a diffusers ``DDPMScheduler`` config)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # SD uses "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"  # image stream target: "epsilon" or "v_prediction"
+
+
+@dataclass
+class LossConfig:
+    """Weights and options of L = L_IG + lambda * L_ITA."""
+
+    lambda_ita: float = 1.0  # 0 trains generation only
+    min_snr_gamma: Optional[float] = 5.0  # Min-SNR weighting of L_IG; None disables it
+    noise_offset: float = 0.0
+    text_scale: float = 1.0  # gamma in e_t = gamma*sqrt(a_t)*e_0 + sqrt(1-a_t)*eps
+    p_uncond: float = 0.1  # image-condition dropout in the discrimination pass
+    p_uncond_text: float = 0.1  # caption dropout in the generation pass
+    logit_scale_init: float = 14.285714  # 1/0.07
+    logit_scale_max: float = 100.0
+
+
+@dataclass
+class DataConfig:
+    """Where image-caption pairs come from."""
+
+    name: Optional[str] = "embedded"  # "embedded", a hub dataset id, a local folder, or "webdataset"
+    split: str = "train"
+    validation_split: Optional[str] = "validation"
+    image_column: str = "image"
+    caption_column: str = "text"  # with the default, "caption" and "txt" are also tried
+    data_dir: Optional[str] = None
+    data_files: Optional[List[str]] = None  # webdataset shards or other files
+    streaming: bool = False
+    resolution: int = 16
+    num_train_samples: Optional[int] = None  # embedded: images in the train split
+    center_crop: bool = True
+    random_flip: bool = False  # flips falsify captions that name positions
+    num_workers: int = 0
+    seed: int = 0  # seed of the embedded dataset
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the model weights (diffusers ``EMAModel``)."""
+
+    use: bool = False
+    decay: float = 0.999
+    warmup: bool = True  # use_ema_warmup
+    inv_gamma: float = 1.0
+    power: float = 0.6667
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, checkpoints and logging."""
+
+    output_dir: str = "outputs/tiny"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 32  # per process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3  # pretrained parameters (and all of a tiny model)
+    learning_rate_new: Optional[float] = None  # new parameters (text stream); None: learning_rate
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "cosine"  # any name diffusers' get_scheduler knows
+    lr_warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no", "fp16", "bf16"
+    allow_tf32: bool = True
+    compile: bool = False  # torch.compile the model
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = 2
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    log_every: int = 10
+    validation_every: int = 200  # steps between validation-loss evaluations; 0 disables
+    validation_batches: int = 4
+    report_to: str = "tensorboard"  # "tensorboard", "wandb", "all" or "none"
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    "model.fusion": ("joint", "one_way"),
+    "model.text_prediction_type": ("sample", "epsilon"),
+    "noise.prediction_type": ("epsilon", "v_prediction"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.report_to": ("tensorboard", "wandb", "all", "none"),
+}
+
+
+def list_configs() -> List[str]:
+    """Names of the shipped configs in ``configs/`` (usable as ``--config NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """Map a shipped config name or a YAML path to a file, or raise :class:`ConfigError`."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config '{name_or_path}' not found: give a YAML path or one of {list_configs()}")
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    if not cfg.data.name:
+        raise ConfigError("data.name is required: 'embedded', a hub dataset id, a local folder, or 'webdataset'")
+    if cfg.train.max_steps < 1 or cfg.train.batch_size < 1:
+        raise ConfigError("train.max_steps and train.batch_size must be at least 1")
+    if not 0.0 < cfg.loss.text_scale <= 1.0:
+        raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be in (0, 1]")
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Build the run configuration.
+
+    Args:
+        path: a YAML file or the name of a shipped config; ``None`` uses ``configs/tiny.yaml``.
+        overrides: ``key=value`` strings (OmegaConf dotlist), applied last.
+
+    Returns:
+        A structured ``DictConfig`` typed by :class:`Config` (attribute access, type-checked).
+
+    Raises:
+        ConfigError: naming the unknown key, wrong type, or bad value.
+    """
+    schema = OmegaConf.structured(Config)
+    file = resolve_config_path(path or DEFAULT_CONFIG)
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.load(file))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"invalid config key '{key}' ({file.name}): {first}") from None
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)

@@ -1,0 +1,407 @@
+"""Zero-shot classification and retrieval: classifier builder, metrics, evaluation loop, baselines.
+
+The classifier builder is pure (class names × templates -> weight matrix, open_clip style) and kept
+apart from the loop that extracts image features (sharded over processes, gathered before any
+metric) and from the metric functions, which return flat dicts with CLIP_benchmark's names
+(``acc1``, ``acc5``, ``mean_per_class_recall``, ``image_retrieval_recall@k``,
+``text_retrieval_recall@k``). The diffusion-classifier baseline (Li et al. 2023) returns logits so it
+goes through the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..models.components import encode_text
+from ..pipelines.zeroshot import TextQuerySampler, tokenize
+
+FeatureFn = Callable[[torch.Tensor, List[torch.Generator]], torch.Tensor]
+EMBEDDED_TASKS = ("shape", "colour", "colour_shape")
+
+
+class TemplateError(ValueError):
+    """An unknown task or a malformed class-name / template file."""
+
+
+# ---------------------------------------------------------------------------- templates and class names
+def task_names() -> List[str]:
+    """Names accepted by :func:`load_task` (the JSON files shipped in ``diffdis/eval/templates``)."""
+    folder = resources.files("diffdis.eval") / "templates"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def _check_templates(templates: Sequence[str], source: str) -> List[str]:
+    templates = [t.replace("{c}", "{}") for t in templates]  # CLIP_benchmark writes {c}
+    if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+        raise TemplateError(f"{source}: templates must be a non-empty list of strings with exactly one '{{}}'")
+    return templates
+
+
+def load_task(name: str) -> Tuple[List[str], List[str]]:
+    """Built-in class names and template ensemble of a task, e.g. ``"cifar10"``, ``"imagenet1k"``, ``"shape"``."""
+    if name not in task_names():
+        raise TemplateError(f"unknown zero-shot task {name!r}; choose one of {', '.join(task_names())}")
+    data = json.loads((resources.files("diffdis.eval") / "templates" / f"{name}.json").read_text())
+    return list(data["classnames"]), _check_templates(data["templates"], name)
+
+
+def load_classnames_file(path: Union[str, Path]) -> List[str]:
+    """Class names from a JSON list, a JSON object with ``classnames``, or a text file (one per line)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else None
+        names = data["classnames"] if isinstance(data, dict) else data
+    except (OSError, ValueError, KeyError) as err:
+        raise TemplateError(f"cannot read class names from {path}: {err}") from None
+    if data is None:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TemplateError(f"{path}: no class names found")
+    return list(names)
+
+
+def load_templates_file(path: Union[str, Path]) -> List[str]:
+    """Templates (each with one ``{}``) from a JSON list, a JSON object with ``templates``, or a text file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else None
+        templates = data["templates"] if isinstance(data, dict) else data
+    except (OSError, ValueError, KeyError) as err:
+        raise TemplateError(f"cannot read templates from {path}: {err}") from None
+    if data is None:
+        templates = [line.strip() for line in text.splitlines() if line.strip()]
+    return _check_templates(templates, str(path))
+
+
+def embedded_labels(dataset, task: str) -> torch.Tensor:
+    """Labels (N,) of an embedded-dataset split for ``task`` in the class order of :func:`load_task`."""
+    if task == "shape":
+        return torch.tensor(dataset["shape_id"])
+    if task == "colour":
+        return torch.tensor(dataset["colour_id"])
+    if task == "colour_shape":
+        num_shapes = len(load_task("shape")[0])
+        return torch.tensor(dataset["colour_id"]) * num_shapes + torch.tensor(dataset["shape_id"])
+    raise ValueError(f"unknown embedded task {task!r}; choose one of {EMBEDDED_TASKS}")
+
+
+# ---------------------------------------------------------------------------- classifier builder
+@torch.no_grad()
+def encode_texts(text_encoder, tokenizer, texts: Sequence[str], device, batch_size: int = 256) -> torch.Tensor:
+    """Normalised text queries (N, d_e) of ``texts``, in batches."""
+    out = [encode_text(text_encoder, tokenize(tokenizer, list(texts[i : i + batch_size]), device))[1] for i in range(0, len(texts), batch_size)]
+    return torch.cat(out).float()  # (N, d_e)
+
+
+@torch.no_grad()
+def build_zero_shot_classifier(
+    text_encoder, tokenizer, classnames: Sequence[str], templates: Sequence[str], device="cpu", batch_size: int = 256
+) -> torch.Tensor:
+    """Class weights (d_e, num_classes): normalised template queries averaged per class, renormalised."""
+    if not classnames or not templates:
+        raise ValueError("need at least one class name and one template")
+    texts = [template.format(name) for name in classnames for template in templates]
+    queries = encode_texts(text_encoder, tokenizer, texts, device, batch_size)  # (C*T, d)
+    per_class = queries.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, d)
+    return F.normalize(per_class, dim=-1).T.contiguous()  # (d, C)
+
+
+# ---------------------------------------------------------------------------- metrics
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts; row = true class, column = predicted class."""
+    flat = labels.long() * num_classes + preds.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def evaluate_zero_shot(image_features: torch.Tensor, labels: torch.Tensor, classifier: Optional[torch.Tensor] = None) -> Dict:
+    """Top-1/top-5 accuracy, mean per-class recall and the confusion matrix.
+
+    Args:
+        image_features: (N, d) normalised features, or (N, C) logits when ``classifier`` is None
+            (e.g. from :func:`diffusion_classifier_logits`).
+        labels: (N,) class indices.
+        classifier: (d, C) from :func:`build_zero_shot_classifier`.
+
+    Returns:
+        ``acc1``, ``acc5`` (only with at least 5 classes), ``mean_per_class_recall`` (over the
+        classes present in ``labels``), ``num_samples`` and ``confusion_matrix`` (C, C) long tensor.
+    """
+    logits = image_features.float() if classifier is None else image_features.float() @ classifier.float().to(image_features.device)
+    labels = labels.to(logits.device).long()
+    if logits.ndim != 2 or logits.shape[0] != labels.shape[0] or logits.shape[0] == 0:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+    num_classes = logits.shape[1]
+    preds = logits.argmax(dim=1)
+    metrics: Dict = {"acc1": (preds == labels).float().mean().item()}
+    if num_classes >= 5:
+        top5 = logits.topk(5, dim=1).indices  # (N, 5)
+        metrics["acc5"] = (top5 == labels[:, None]).any(dim=1).float().mean().item()
+    cm = confusion_matrix(preds.cpu(), labels.cpu(), num_classes)
+    support = cm.sum(dim=1)
+    present = support > 0
+    metrics["mean_per_class_recall"] = (cm.diag()[present].float() / support[present]).mean().item()
+    metrics["num_samples"] = int(labels.shape[0])
+    metrics["confusion_matrix"] = cm
+    return metrics
+
+
+def save_confusion_matrix_png(cm: torch.Tensor, classnames: Sequence[str], path: Union[str, Path]) -> None:
+    """Row-normalised confusion matrix as a PNG (class names on the axes up to 40 classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = torch.as_tensor(cm).float()
+    rates = cm / cm.sum(dim=1, keepdim=True).clamp(min=1)  # (C, C)
+    n = len(classnames)
+    size = min(4 + 0.35 * n, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    if n <= 40:
+        ax.set_xticks(range(n), labels=list(classnames), rotation=90)
+        ax.set_yticks(range(n), labels=list(classnames))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> torch.Tensor:
+    """Per query: 1 when any positive is in the top k (CLIP_benchmark's hit rule). (Q, M) -> (Q,)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (Q, k)
+    return positives.gather(1, top).any(dim=1).float()
+
+
+def retrieval_metrics(
+    image_features: torch.Tensor, text_features: torch.Tensor, text_to_image_index: torch.Tensor, recall_k: Sequence[int] = (1, 5, 10)
+) -> Dict[str, float]:
+    """Recall@k both ways, named as CLIP_benchmark.
+
+    Args:
+        image_features: (N_img, d) normalised. text_features: (N_txt, d) normalised.
+        text_to_image_index: (N_txt,) the image each caption belongs to.
+
+    Returns:
+        ``image_retrieval_recall@k`` (text query -> images) and ``text_retrieval_recall@k``
+        (image query -> texts; a hit is any of the image's captions in the top k).
+    """
+    scores = text_features.float() @ image_features.float().T  # (N_txt, N_img)
+    positives = torch.zeros_like(scores, dtype=torch.bool)
+    positives[torch.arange(scores.shape[0]), text_to_image_index.long()] = True
+    metrics = {}
+    for k in recall_k:
+        metrics[f"image_retrieval_recall@{k}"] = _recall_at_k(scores, positives, k).mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = _recall_at_k(scores.T, positives.T, k).mean().item()
+    return metrics
+
+
+# ---------------------------------------------------------------------------- evaluation loop
+def image_generators(indices: Sequence[int], seed: int) -> List[torch.Generator]:
+    """One CPU generator per image, seeded by its global index: features do not depend on batching or sharding."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+
+def compute_image_features(
+    feature_fn: FeatureFn,
+    load_batch: Callable[[List[int]], torch.Tensor],
+    num_items: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    accelerator=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Features (num_items, d) of every item, computed on this process's shard and gathered.
+
+    Args:
+        feature_fn: ``(pixel_values (b, 3, H, W), generators) -> (b, d)``.
+        load_batch: item indices -> pixel values (b, 3, H, W).
+        accelerator: an ``accelerate.Accelerator``; each process takes a contiguous shard and the
+            features of all processes are gathered (in item order) on every process.
+    """
+    from tqdm.auto import tqdm
+
+    if num_items == 0:
+        raise ValueError("the dataset is empty")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    per = -(-num_items // world)
+    mine = list(range(rank * per, min(num_items, (rank + 1) * per)))
+    feats = []
+    for start in tqdm(range(0, len(mine), batch_size), disable=not progress or rank != 0, desc="images"):
+        idx = mine[start : start + batch_size]
+        feats.append(feature_fn(load_batch(idx), image_generators(idx, seed)).float().cpu())  # (b, d)
+    local = torch.cat(feats) if feats else None
+    if world == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    parts = gather_object([local])  # one entry per process, in rank order
+    return torch.cat([p for p in parts if p is not None])
+
+
+def diffdis_feature_fn(sampler: TextQuerySampler, vae=None, steps: int = 10, guidance: float = 0.0, noise_samples: int = 1) -> FeatureFn:
+    """Feature function of DiffDis: pixels -> generated normalised image-side text queries (b, d_e)."""
+    from ..pipelines.zeroshot import images_to_latents
+
+    def fn(pixels: torch.Tensor, generators: List[torch.Generator]) -> torch.Tensor:
+        latents = images_to_latents(pixels.to(sampler.unet.device), vae)
+        return sampler(latents, steps, guidance, noise_samples, generator=generators)
+
+    return fn
+
+
+# ---------------------------------------------------------------------------- diffusion classifier
+@torch.no_grad()
+def diffusion_classifier_logits(
+    unet,
+    latents: torch.Tensor,
+    class_contexts: torch.Tensor,
+    noise_scheduler,
+    num_timesteps: int = 10,
+    generator=None,
+    class_batch_size: int = 64,
+) -> torch.Tensor:
+    """Diffusion classifier (Li et al. 2023): logits = −mean denoising error per class prompt.
+
+    Each image is noised at ``num_timesteps`` evenly spaced timesteps with the same noise for every
+    class; the error ``‖target − U(z_t, t, c_k)‖²`` is averaged over timesteps. Cost:
+    classes × timesteps UNet passes per image.
+
+    Args:
+        unet: the generation UNet (``DualStreamUNet`` or ``UNet2DConditionModel``).
+        latents: clean latents (B, C, H, W).
+        class_contexts: (K, L, d) context of one prompt per class.
+        noise_scheduler: the training noise scheduler (its ``prediction_type`` sets the target).
+        generator: one generator or one per image.
+
+    Returns:
+        (B, K) logits (negative errors): the lowest error wins.
+    """
+    b, k = latents.shape[0], class_contexts.shape[0]
+    device, dtype = unet.device, unet.dtype
+    num_train = noise_scheduler.config.num_train_timesteps
+    ts = torch.linspace(0, num_train - 1, num_timesteps + 2)[1:-1].round().long()  # interior, evenly spaced
+    shape = (num_timesteps, *latents.shape[1:])
+    if generator is None or isinstance(generator, torch.Generator):
+        noise = torch.randn((b, *shape), generator=generator)
+    else:
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generator])  # (B, N, C, H, W)
+    latents = latents.to(device=device, dtype=torch.float32)
+    errors = torch.zeros(b, k, device=device)
+    pred_type = noise_scheduler.config.prediction_type
+    for j, t in enumerate(ts.tolist()):
+        eps = noise[:, j].to(device)  # (B, C, H, W), shared by all classes
+        t_b = torch.full((b,), t, dtype=torch.long, device=device)
+        noisy = noise_scheduler.add_noise(latents, eps, t_b)
+        target = noise_scheduler.get_velocity(latents, eps, t_b) if pred_type == "v_prediction" else eps
+        if pred_type == "sample":
+            target = latents
+        for c0 in range(0, k, class_batch_size):
+            ctx = class_contexts[c0 : c0 + class_batch_size].to(device=device, dtype=dtype)  # (k', L, d)
+            kk = ctx.shape[0]
+            x = noisy.repeat_interleave(kk, dim=0).to(dtype)  # (B*k', C, H, W), image-major
+            pred = unet(x, t_b.repeat_interleave(kk), ctx.repeat(b, 1, 1)).sample.float()
+            err = (pred - target.repeat_interleave(kk, dim=0)).pow(2).flatten(1).mean(dim=1)  # (B*k',)
+            errors[:, c0 : c0 + kk] += err.view(b, kk)
+    return -(errors / num_timesteps)  # (B, K)
+
+
+def class_contexts(text_encoder, tokenizer, classnames: Sequence[str], template: str, device, batch_size: int = 256) -> torch.Tensor:
+    """Context (K, L, d) of one prompt per class (the diffusion classifier's conditions)."""
+    prompts = [template.format(c) for c in classnames]
+    with torch.no_grad():
+        out = [encode_text(text_encoder, tokenize(tokenizer, prompts[i : i + batch_size], device))[0] for i in range(0, len(prompts), batch_size)]
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------- benchmark
+def _images_per_second(call: Callable[[], object], num_images: int, repeats: int, device: torch.device) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return num_images / statistics.median(times)
+
+
+def _as_fusion(unet, fusion: str):
+    """A copy of ``unet`` with another fusion mode and the same weights (fusion adds no parameters)."""
+    from ..models.dual_stream_unet import DualStreamUNet
+
+    if unet.config.fusion == fusion:
+        return unet
+    config = {k: v for k, v in unet._internal_dict.items() if not k.startswith("_")}
+    other = DualStreamUNet(**{**config, "fusion": fusion})
+    other.load_state_dict(unet.state_dict())
+    return other.to(device=unet.device, dtype=unet.dtype).eval()
+
+
+def benchmark_zeroshot(
+    unet,
+    scheduler_config: Dict,
+    empty_context: torch.Tensor,
+    latents: torch.Tensor,
+    steps: int = 10,
+    guidance: float = 0.0,
+    class_counts: Sequence[int] = (10, 1000),
+    dc_classes: int = 10,
+    dc_timesteps: int = 10,
+    repeats: int = 3,
+    seed: int = 0,
+) -> Dict[str, float]:
+    """Images/s of DiffDis zero-shot classification vs the class count, the diffusion classifier, and fusion modes.
+
+    Returns ``diffdis_{n}_classes_img_s`` for each class count and ``class_count_ratio`` (first /
+    last; about 1 because the cost is O(steps) per image), ``diffusion_classifier_img_s`` and
+    ``diffusion_classifier_slowdown`` (DiffDis at ``dc_classes`` classes / diffusion classifier),
+    and ``joint_img_s``, ``one_way_cached_img_s``, ``one_way_speedup``. Class weights and class
+    contexts are random: only their sizes matter for speed.
+    """
+    from diffusers import DDPMScheduler
+
+    device, b = unet.device, latents.shape[0]
+    latents = latents.to(device)
+    g = torch.Generator().manual_seed(seed)
+    d, ctx_len, ctx_dim = unet.config.text_dim, empty_context.shape[1], empty_context.shape[2]
+
+    def classify(sampler: TextQuerySampler, weights: torch.Tensor) -> Callable[[], object]:
+        return lambda: (sampler(latents, steps, guidance, generator=torch.Generator().manual_seed(seed)) @ weights).argmax(1)
+
+    out: Dict[str, float] = {"steps": steps, "guidance": guidance, "batch_size": b}
+    sampler = TextQuerySampler(unet, scheduler_config, empty_context, 1.0)
+    for n in class_counts:
+        weights = F.normalize(torch.randn(d, n, generator=g), dim=0).to(device)
+        out[f"diffdis_{n}_classes_img_s"] = _images_per_second(classify(sampler, weights), b, repeats, device)
+    out["class_count_ratio"] = out[f"diffdis_{class_counts[0]}_classes_img_s"] / out[f"diffdis_{class_counts[-1]}_classes_img_s"]
+
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    contexts = torch.randn(dc_classes, ctx_len, ctx_dim, generator=g).to(device=device, dtype=unet.dtype)
+    dc = lambda: diffusion_classifier_logits(unet, latents, contexts, noise_scheduler, dc_timesteps, torch.Generator().manual_seed(seed))  # noqa: E731
+    out["diffusion_classifier_img_s"] = _images_per_second(dc, b, max(1, repeats // 2), device)
+    weights = F.normalize(torch.randn(d, dc_classes, generator=g), dim=0).to(device)
+    ours = out.get(f"diffdis_{dc_classes}_classes_img_s") or _images_per_second(classify(sampler, weights), b, repeats, device)
+    out["diffusion_classifier_slowdown"] = ours / out["diffusion_classifier_img_s"]
+
+    for fusion in ("joint", "one_way"):
+        s = TextQuerySampler(_as_fusion(unet, fusion), scheduler_config, empty_context, 1.0)
+        key = "one_way_cached_img_s" if fusion == "one_way" else "joint_img_s"
+        out[key] = _images_per_second(classify(s, weights), b, repeats, device)
+    out["one_way_speedup"] = out["one_way_cached_img_s"] / out["joint_img_s"]
+    return out

@@ -1,0 +1,137 @@
+"""Build what a run needs from its config: datasets, components, optimiser."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+import torch
+from diffusers import DDPMScheduler
+
+from ..config import ConfigError
+from ..data import ImageTextCollator, load_image_text_dataset
+from ..models.components import (
+    ComponentError,
+    build_text_encoder,
+    build_unet,
+    load_text_encoder,
+    load_tokenizer,
+    load_unet,
+    load_vae,
+    text_query_dim,
+    train_tokenizer,
+)
+from ..models.dual_stream_unet import DualStreamUNet
+
+MAX_TOKENIZER_CAPTIONS = 200_000
+
+
+@dataclass
+class Components:
+    """Everything a DiffDis model is made of."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: DualStreamUNet
+    noise_scheduler: DDPMScheduler
+    vae: Optional[torch.nn.Module] = None
+
+
+def load_split(data_cfg, split: str, streaming: Optional[bool] = None, num_samples: Optional[int] = None):
+    """One split of the configured dataset, with columns "image" and "caption"."""
+    return load_image_text_dataset(
+        data_cfg.name,
+        split=split,
+        image_column=data_cfg.image_column,
+        caption_column=data_cfg.caption_column,
+        data_dir=data_cfg.data_dir,
+        data_files=list(data_cfg.data_files) if data_cfg.data_files else None,
+        streaming=data_cfg.streaming if streaming is None else streaming,
+        resolution=data_cfg.resolution,
+        seed=data_cfg.seed,
+        num_samples=num_samples,
+    )
+
+
+def caption_corpus(dataset) -> Iterable[str]:
+    """Captions to train a tokenizer on: every phrasing where a "captions" column exists."""
+    column = "captions" if "captions" in (dataset.column_names or []) else "caption"
+    for value in itertools.islice(iter(dataset.select_columns([column])), MAX_TOKENIZER_CAPTIONS):
+        caps = value[column]
+        yield from ([caps] if isinstance(caps, str) else [c for c in caps if isinstance(c, str)])
+
+
+def _noise_scheduler(cfg) -> DDPMScheduler:
+    n = cfg.noise
+    return DDPMScheduler(
+        num_train_timesteps=n.num_train_timesteps,
+        beta_schedule=n.beta_schedule,
+        beta_start=n.beta_start,
+        beta_end=n.beta_end,
+        prediction_type=n.prediction_type,
+        clip_sample=False,
+    )
+
+
+def _unet_kwargs(cfg) -> dict:
+    m = cfg.model
+    return dict(fusion=m.fusion, post_mid_layers=m.post_mid_layers, text_prediction_type=m.text_prediction_type)
+
+
+def build_components(cfg, captions: Optional[Iterable[str]] = None, tokenizer_dir: Optional[Path] = None) -> Components:
+    """Load components from ``model.pretrained`` or build tiny ones (training a tokenizer on ``captions``).
+
+    Args:
+        captions: training captions (tiny models only).
+        tokenizer_dir: a tokenizer saved by an earlier run of the same output folder; reused on resume.
+    """
+    m = cfg.model
+    if m.pretrained:
+        tokenizer = load_tokenizer(m.pretrained, m.revision)
+        text_encoder = load_text_encoder(m.pretrained, m.revision)
+        vae = load_vae(m.pretrained, m.revision) if m.use_vae else None
+        base = load_unet(m.pretrained, m.revision)
+        unet = DualStreamUNet.from_unet(base, text_dim=text_query_dim(text_encoder), **_unet_kwargs(cfg))
+        scheduler = _noise_scheduler(cfg)
+        return Components(tokenizer, text_encoder, unet, scheduler, vae)
+    if m.use_vae:
+        raise ConfigError("model.use_vae=true needs model.pretrained (a folder or hub id with a vae/ subfolder)")
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(str(tokenizer_dir), subfolder="")
+    else:
+        if captions is None:
+            raise ComponentError("a tiny model needs the training captions to train its tokenizer")
+        tokenizer = train_tokenizer(captions, m.text_encoder.vocab_size, m.text_encoder.max_length)
+    text_encoder = build_text_encoder(m.text_encoder, tokenizer)
+    unet_cfg = m.unet
+    if unet_cfg.in_channels != 3 or unet_cfg.out_channels != 3:
+        raise ConfigError("pixel-space models need model.unet.in_channels=3 and out_channels=3")
+    if unet_cfg.sample_size != cfg.data.resolution:
+        raise ConfigError(
+            f"model.unet.sample_size={unet_cfg.sample_size} must equal data.resolution={cfg.data.resolution} in pixel space"
+        )
+    base = build_unet(unet_cfg, cross_attention_dim=m.text_encoder.hidden_size)
+    unet = DualStreamUNet.from_unet(base, text_dim=text_query_dim(text_encoder), **_unet_kwargs(cfg))
+    return Components(tokenizer, text_encoder, unet, _noise_scheduler(cfg), None)
+
+
+def make_collator(cfg, tokenizer, generator: Optional[torch.Generator] = None, defer_choice: bool = False) -> ImageTextCollator:
+    d = cfg.data
+    return ImageTextCollator(tokenizer, d.resolution, d.center_crop, d.random_flip, generator=generator, defer_choice=defer_choice)
+
+
+def build_optimizer(cfg, unet: DualStreamUNet, text_encoder: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with one learning rate for pretrained/UNet weights and another for the new text stream."""
+    t = cfg.train
+    new_ids = {id(p) for p in unet.new_parameters()}
+    base: List[torch.nn.Parameter] = [p for p in unet.parameters() if id(p) not in new_ids and p.requires_grad]
+    base += [p for p in text_encoder.parameters() if p.requires_grad]
+    new = [p for p in unet.new_parameters() if p.requires_grad]
+    groups = [{"params": base, "lr": t.learning_rate}]
+    if new:
+        groups.append({"params": new, "lr": t.learning_rate_new or t.learning_rate})
+    return torch.optim.AdamW(
+        groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+    )

@@ -1,0 +1,107 @@
+"""Checkpoints: ``Accelerator.save_state`` with hooks that write ``save_pretrained`` folders.
+
+A checkpoint is written under a temporary name and renamed when complete, so an interrupted save
+never becomes ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from ..models.dual_stream_unet import DualStreamUNet
+
+logger = get_logger("diffdis.train")
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class GeneratorState:
+    """Makes a ``torch.Generator`` checkpointable with ``Accelerator.register_for_checkpointing``."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+def list_checkpoints(output_dir: Path) -> List[Path]:
+    """Complete checkpoints (``checkpoint-N``, no temporary ones), oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    """``"latest"`` -> newest complete checkpoint (None if there is none); a path must exist."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint: '{path}' is not a complete diffdis checkpoint")
+    return path
+
+
+def read_step(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+
+
+def register_hooks(accelerator: Accelerator) -> None:
+    """Save the trainable modules as ``unet/`` and ``text_encoder/`` ``save_pretrained`` folders."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                module = accelerator.unwrap_model(model)
+                module.unet.save_pretrained(Path(output_dir) / "unet")
+                module.text_encoder.save_pretrained(Path(output_dir) / "text_encoder")
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            module = accelerator.unwrap_model(models.pop())
+            unet = DualStreamUNet.from_pretrained(Path(input_dir) / "unet")
+            module.unet.load_state_dict(unet.state_dict())
+            text_encoder = type(module.text_encoder).from_pretrained(Path(input_dir) / "text_encoder")
+            module.text_encoder.load_state_dict(text_encoder.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: Optional[int]) -> Path:
+    """Write ``checkpoint-<step>`` atomically (all processes call this) and prune old ones."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+        logger.info(f"saved {final}")
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,70 @@
+"""Training history: a JSON-lines log on disk, a summary, and PNG curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+class History:
+    """Appends ``{"step": n, **metrics}`` lines to ``path`` (main process only) and plots them."""
+
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int = 0):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.rows: List[Dict[str, float]] = []
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_file():  # keep what an earlier (resumed) run logged up to its checkpoint
+                old = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+                self.rows = [r for r in old if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def add(self, step: int, metrics: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def series(self, key: str) -> List[tuple]:
+        return [(r["step"], r[key]) for r in self.rows if key in r]
+
+    def summary(self) -> Dict[str, Dict[str, Optional[float]]]:
+        """First and last logged value of every metric."""
+        keys = sorted({k for r in self.rows for k in r if k != "step"})
+        out = {}
+        for k in keys:
+            s = self.series(k)
+            out[k] = {"first_step": s[0][0], "first": s[0][1], "last_step": s[-1][0], "last": s[-1][1]}
+        return out
+
+    def plot(self, path: Path) -> Optional[Path]:
+        """Loss and accuracy curves as a PNG (train and validation), or None with nothing logged."""
+        if not self.enabled or not self.rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [("loss_ig", "L_IG (image generation)"), ("loss_ita", "L_ITA (image-text alignment)"), ("acc_i2t", "in-batch image->text accuracy")]
+        panels = [(k, title) for k, title in panels if self.series(f"train/{k}") or self.series(f"val/{k}")]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+        for ax, (key, title) in zip(axes[0], panels):
+            for split, style in (("train", "-"), ("val", "o-")):
+                s = self.series(f"{split}/{key}")
+                if s:
+                    ax.plot(*zip(*s), style, label=split, markersize=3)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            if key.startswith("loss"):
+                ax.set_yscale("log")
+            ax.legend()
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return Path(path)

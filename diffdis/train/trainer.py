@@ -1,0 +1,289 @@
+"""The Accelerate trainer: ``accelerate launch tools/train.py [--config F] [key=value ...]``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from ..config import save_config
+from ..data.transforms import choose_captions, tokenize
+from .build import build_components, build_optimizer, caption_corpus, load_split, make_collator
+from .checkpoint import GeneratorState, read_step, register_hooks, resolve_resume, save_checkpoint
+from .history import History
+from .module import DiffDisModule, StepOptions
+
+logger = get_logger("diffdis.train")
+
+
+def make_accelerator(cfg) -> Accelerator:
+    """An Accelerator that really uses gloo across CPU processes when CUDA is absent."""
+    t = cfg.train
+    unused = cfg.loss.lambda_ita <= 0 or not cfg.model.train_text_encoder
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+        dynamo_backend="inductor" if t.compile else "no",
+    )
+
+
+def _configure_speed(cfg, module: DiffDisModule) -> None:
+    if torch.cuda.is_available() and cfg.train.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.model.enable_xformers and torch.cuda.is_available():
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            module.unet.unet.enable_xformers_memory_efficient_attention()
+    if cfg.model.gradient_checkpointing:
+        module.unet.enable_gradient_checkpointing()
+        if cfg.model.train_text_encoder:
+            module.text_encoder.gradient_checkpointing_enable()
+
+
+def _freeze(cfg, components) -> None:
+    components.text_encoder.requires_grad_(bool(cfg.model.train_text_encoder))
+    if components.vae is not None:
+        components.vae.requires_grad_(False)
+    if cfg.loss.lambda_ita <= 0:  # generation only: the text stream is not trained
+        for p in components.unet.new_parameters():
+            p.requires_grad_(False)
+
+
+def _to_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if vae is None:
+        return pixel_values  # pixel space
+    with torch.no_grad():
+        dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+        return (dist.sample(generator=generator) * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def validation_losses(accelerator, module, vae, batches, empty_ids, seed: int) -> Dict[str, float]:
+    """Mean losses on fixed validation batches with fixed noise, sharded across processes."""
+    model = accelerator.unwrap_model(module)
+    model.eval()
+    gen = torch.Generator(device=accelerator.device).manual_seed(seed)
+    keys = ["loss", "loss_ig"] + (["loss_ita", "acc_i2t", "acc_t2i"] if model.options.lambda_ita > 0 else [])
+    sums = torch.zeros(len(keys) + 1, device=accelerator.device)  # last entry counts batches
+    for i, batch in enumerate(batches):
+        if i % accelerator.num_processes != accelerator.process_index:
+            continue
+        latents = _to_latents(vae, batch["pixel_values"].to(accelerator.device), gen)
+        with accelerator.autocast():
+            out = model(latents, batch["input_ids"].to(accelerator.device), empty_ids, gen)
+        sums += torch.stack([out[k].float() for k in keys] + [torch.ones((), device=accelerator.device)])
+    sums = accelerator.reduce(sums, reduction="sum")
+    model.train()
+    n = max(sums[-1].item(), 1.0)
+    return {f"val/{k}": sums[i].item() / n for i, k in enumerate(keys)}
+
+
+def _fixed_batches(cfg, tokenizer, n: int):
+    if not cfg.data.validation_split or n <= 0:
+        return []
+    dataset = load_split(cfg.data, cfg.data.validation_split, streaming=False, num_samples=n * cfg.train.batch_size)
+    collate = make_collator(cfg, tokenizer, torch.Generator().manual_seed(cfg.train.seed))
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=collate)
+    return [b for b in loader if b is not None]
+
+
+def export_model(components, module: DiffDisModule, cfg, out_dir: Path, ema: Optional[EMAModel]) -> Path:
+    """Write the final ``DiffDisPipeline`` folder (EMA weights where EMA is on), atomically."""
+    from ..pipelines import DiffDisPipeline
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if ema is not None:
+        ema.store(module.parameters())
+        ema.copy_to(module.parameters())
+    try:
+        pipe = DiffDisPipeline(
+            unet=module.unet,
+            text_encoder=module.text_encoder,
+            tokenizer=components.tokenizer,
+            scheduler=components.noise_scheduler,
+            vae=components.vae,
+        )
+        pipe.save_pretrained(tmp)
+    finally:
+        if ema is not None:
+            ema.restore(module.parameters())
+    save_config(cfg, tmp / "diffdis_config.yaml")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def train(cfg) -> Path:
+    """Train DiffDis as configured; returns the final model folder."""
+    accelerator = make_accelerator(cfg)
+    t = cfg.train
+    out = Path(t.output_dir)
+    set_seed(t.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    resume = resolve_resume(out, t.resume_from_checkpoint)
+
+    train_set = load_split(cfg.data, cfg.data.split, num_samples=cfg.data.num_train_samples)
+    captions = None if cfg.model.pretrained or (out / "tokenizer" / "tokenizer.json").is_file() else caption_corpus(train_set)
+    components = build_components(cfg, captions, tokenizer_dir=out / "tokenizer")
+    if accelerator.is_main_process and not cfg.model.pretrained:
+        components.tokenizer.save_pretrained(out / "tokenizer")
+    _freeze(cfg, components)
+    module = DiffDisModule(components.unet, components.text_encoder, components.noise_scheduler, StepOptions.from_config(cfg.loss))
+    _configure_speed(cfg, module)
+    if components.vae is not None:
+        components.vae.to(accelerator.device)
+
+    generator = torch.Generator(device=accelerator.device).manual_seed(t.seed * 1000 + accelerator.process_index)
+    # captions are drawn in the step from the checkpointed generator (see ImageTextCollator.defer_choice);
+    # random crops/flips (off for the embedded data) use the global RNG and are not bit-exact on resume
+    collate = make_collator(cfg, components.tokenizer, defer_choice=True)
+    iterable = isinstance(train_set, IterableDataset) or not hasattr(train_set, "__len__")
+    loader = DataLoader(
+        train_set, batch_size=t.batch_size, shuffle=not iterable, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers
+    )
+    optimizer = build_optimizer(cfg, module.unet, module.text_encoder)
+    lr_scheduler = get_scheduler(
+        t.lr_scheduler,
+        optimizer,
+        num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=t.max_steps * accelerator.num_processes,
+    )
+    module, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
+    ema = None
+    if t.ema.use:
+        e = t.ema
+        ema = EMAModel(accelerator.unwrap_model(module).parameters(), decay=e.decay, use_ema_warmup=e.warmup, inv_gamma=e.inv_gamma, power=e.power)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(GeneratorState(generator))
+    register_hooks(accelerator)
+
+    empty_ids = components.tokenizer(
+        [""], padding="max_length", max_length=components.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(accelerator.device)
+    val_batches = _fixed_batches(cfg, components.tokenizer, t.validation_batches) if t.validation_every > 0 else []
+    if accelerator.is_main_process and t.report_to != "none":
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+        accelerator.init_trackers("diffdis", config=flat)
+
+    global_step = 0
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        global_step = read_step(resume)
+        logger.info(f"resumed from {resume} at step {global_step}", main_process_only=True)
+    steps_per_epoch = None if iterable else len(loader) // t.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has fewer than {t.batch_size * accelerator.num_processes} examples: lower train.batch_size")
+    history = History(out / "logs" / "history.jsonl", enabled=accelerator.is_main_process, resume_step=global_step)
+    logger.info(f"training {sum(p.numel() for p in module.parameters()) / 1e6:.2f} M parameters for {t.max_steps} steps", main_process_only=True)
+
+    progress = tqdm(total=t.max_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
+    epoch = global_step // steps_per_epoch if steps_per_epoch else 0
+    skip = (global_step % steps_per_epoch) * t.gradient_accumulation_steps if steps_per_epoch else global_step * t.gradient_accumulation_steps
+    tic, tic_step = time.perf_counter(), global_step
+    while global_step < t.max_steps:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        active = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        for batch in active:
+            if batch is None:
+                continue
+            with accelerator.accumulate(module):
+                latents = _to_latents(components.vae, batch["pixel_values"], generator)
+                captions = choose_captions(batch["caption_options"], generator)
+                input_ids = tokenize(components.tokenizer, captions).to(accelerator.device)
+                losses = module(latents, input_ids, empty_ids, generator)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(module).parameters())
+            if global_step % t.log_every == 0 or global_step == t.max_steps:
+                elapsed = time.perf_counter() - tic
+                logs = {f"train/{k}": accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in losses.items()}
+                logs["train/lr"] = lr_scheduler.get_last_lr()[0]
+                logs["train/steps_per_s"] = (global_step - tic_step) / max(elapsed, 1e-9)
+                logs["train/images_per_s"] = logs["train/steps_per_s"] * t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+                tic, tic_step = time.perf_counter(), global_step
+                accelerator.log(logs, step=global_step)
+                history.add(global_step, logs)
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+            if val_batches and (global_step % t.validation_every == 0 or global_step == t.max_steps):
+                if ema is not None:
+                    ema.store(module.parameters())
+                    ema.copy_to(module.parameters())
+                val = validation_losses(accelerator, module, components.vae, val_batches, empty_ids, seed=t.seed + 12345)
+                if ema is not None:
+                    ema.restore(module.parameters())
+                accelerator.log(val, step=global_step)
+                history.add(global_step, val)
+                logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()), main_process_only=True)
+            if t.checkpointing_steps and global_step % t.checkpointing_steps == 0 and global_step < t.max_steps:
+                save_checkpoint(accelerator, out, global_step, t.checkpoints_total_limit)
+            if global_step >= t.max_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    # one checksum per process: DDP must keep the replicas identical
+    checksum = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(module).parameters()]).sum()
+    checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
+    model_dir = out / "model"
+    if accelerator.is_main_process:
+        export_model(components, accelerator.unwrap_model(module), cfg, model_dir, ema)
+        history.plot(out / "curves.png")
+        summary = {
+            "global_step": global_step,
+            "num_processes": accelerator.num_processes,
+            "replica_param_checksums": checksums,
+            "num_skipped_examples": collate.num_skipped,
+            "metrics": history.summary(),
+        }
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return model_dir
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+

@@ -1,0 +1,134 @@
+"""The trainer end to end: accelerate launch, files written, exact resume, two processes, bad input."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "tools" / "train.py")
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def accelerate(args, num_processes=1, check=True):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if num_processes > 1:
+        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", _free_port()]
+    else:
+        launcher += ["--num_processes", "1", "--cpu"]
+    proc = subprocess.run(launcher + [TRAIN] + args, env=_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(tmp_path_factory):
+    """A local imagefolder (metadata.jsonl) of 16 embedded images, as a user would bring."""
+    from diffdis.data import export_imagefolder, make_embedded_dataset
+    from datasets import DatasetDict
+
+    root = tmp_path_factory.mktemp("imgfolder")
+    export_imagefolder(DatasetDict(train=make_embedded_dataset("train", 16)), root)
+    return root
+
+
+def test_trains_on_a_local_imagefolder(tmp_path, tiny_overrides, tiny_imagefolder):
+    out = tmp_path / "folder_run"
+    accelerate(tiny_overrides + [f"data.name={tiny_imagefolder}", "data.validation_split=null", f"train.output_dir={out}",
+                                 "train.max_steps=1", "train.checkpointing_steps=0"])
+    assert (out / "model" / "model_index.json").is_file()
+
+
+def weights(model_dir: Path):
+    return load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_two_step_run_writes_everything(tmp_path, tiny_overrides):
+    out = tmp_path / "run"
+    proc = accelerate(tiny_overrides + [f"train.output_dir={out}", "train.max_steps=2", "train.checkpointing_steps=1"])
+    assert "model saved to" in proc.stdout
+    for rel in ["config.yaml", "tokenizer/tokenizer.json", "checkpoint-1/trainer_state.json", "checkpoint-1/unet/config.json",
+                "checkpoint-1/text_encoder/config.json", "checkpoint-1/optimizer.bin", "model/model_index.json",
+                "model/unet/diffusion_pytorch_model.safetensors", "model/text_encoder/config.json", "model/tokenizer/tokenizer.json",
+                "model/scheduler/scheduler_config.json", "model/diffdis_config.yaml", "logs/history.jsonl", "curves.png",
+                "train_summary.json"]:
+        assert (out / rel).exists(), rel
+    assert not list(out.glob("*.tmp"))
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard events missing"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["num_processes"] == 1
+    rows = [json.loads(l) for l in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert any("val/loss_ita" in r for r in rows) and any("train/loss_ig" in r for r in rows)
+    cfg = json.loads((out / "model" / "unet" / "config.json").read_text())
+    assert cfg["_class_name"] == "DualStreamUNet"
+
+
+def test_resume_is_exact(tmp_path, tiny_overrides):
+    common = tiny_overrides + ["train.max_steps=4", "train.checkpointing_steps=2", "train.checkpoints_total_limit=5",
+                               "data.num_train_samples=12", "train.validation_every=0"]  # 3 steps per epoch: resume crosses an epoch
+    straight = tmp_path / "straight"
+    accelerate(common + [f"train.output_dir={straight}"])
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(straight / "tokenizer", resumed / "tokenizer")
+    proc = accelerate(common + [f"train.output_dir={resumed}", "train.resume_from_checkpoint=latest"])
+    assert "resumed from" in proc.stderr + proc.stdout
+    a, b = weights(straight / "model"), weights(resumed / "model")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed training diverged from uninterrupted training"
+    # and the checkpoint really differs from the end point (the test can fail)
+    mid = load_file(str(straight / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not all(torch.equal(a[k], mid[k]) for k in a)
+
+
+def test_two_processes_keep_replicas_identical(tmp_path, tiny_overrides):
+    out = tmp_path / "ddp"
+    accelerate(tiny_overrides + [f"train.output_dir={out}", "train.max_steps=2", "train.checkpointing_steps=0"], num_processes=2)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    sums = summary["replica_param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_stepz=2", "max_stepz"),
+        ("data.name=/no/such/folder", "no/such/folder"),
+        ("data.caption_column=nope", "nope"),
+        ("data.image_column=pixels", "pixels"),
+        ("train.resume_from_checkpoint=/no/ckpt", "not a complete diffdis checkpoint"),
+    ],
+)
+def test_bad_input_one_line_error(tmp_path, tiny_overrides, override, message, tiny_imagefolder):
+    out = tmp_path / "bad"
+    if "_column" in override:  # column names apply to real datasets: use a local imagefolder
+        override = [f"data.name={tiny_imagefolder}", "data.validation_split=null", override]
+    else:
+        override = [override]
+    proc = subprocess.run([sys.executable, TRAIN] + tiny_overrides + [f"train.output_dir={out}", "train.max_steps=1"] + override,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
+    assert last.startswith("error:") and message in last, proc.stderr[-2000:]
+    assert not (out / "model").exists()
