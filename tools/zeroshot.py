@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of the zero-shot evaluation."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", help="a trained model folder (<output_dir>/model) with a DualStreamUNet in unet/")
-    p.add_argument("--dataset", default="embedded", help="'embedded', a hub dataset name, or a local folder (class subfolders or imagefolder)")
+    p.add_argument(
+        "--dataset", default="embedded",
+        help="'embedded', a hub dataset name, or a local folder (class subfolders or imagefolder) (default: embedded)",
+    )
     p.add_argument(
         "--task", default="all",
         help="embedded: shape, colour, colour_shape, all or retrieval; other datasets: a built-in task "
@@ -202,7 +205,8 @@ def retrieval(model, args, resolution: int, accelerator) -> Dict[str, Dict]:
         raise CliError("the dataset is empty")
     sampler = TextQuerySampler.from_model(model, args.scheduler)
     fn = zs.diffdis_feature_fn(sampler, model.vae, args.steps, args.guidance, args.noise_samples)
-    images = zs.compute_image_features(fn, pixel_loader(dataset, "image", resolution), len(dataset), args.batch_size, args.seed, accelerator, args.progress)
+    load = pixel_loader(dataset, "image", resolution)
+    images = zs.compute_image_features(fn, load, len(dataset), args.batch_size, args.seed, accelerator, args.progress)
     captions = dataset["captions"]
     texts = [c for caps in captions for c in caps]
     index = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
@@ -213,7 +217,8 @@ def retrieval(model, args, resolution: int, accelerator) -> Dict[str, Dict]:
     for k in (1, 5, 10):
         chance[f"image_retrieval_recall@{k}"] = _chance_hit(len(dataset), 1, k)
         chance[f"text_retrieval_recall@{k}"] = _chance_hit(len(texts), per_image, k)
-    return {"retrieval": {"task": "zeroshot_retrieval", "metrics": metrics, "chance": chance, "num_images": len(dataset), "num_texts": len(texts)}}
+    return {"retrieval": {"task": "zeroshot_retrieval", "metrics": metrics, "chance": chance,
+                          "num_images": len(dataset), "num_texts": len(texts)}}
 
 
 def _chance_hit(total: int, positives: int, k: int) -> float:

@@ -53,7 +53,8 @@ def decode_image(value: Any) -> Image.Image | None:
 def _random_index(n: int, rng: torch.Generator | np.random.Generator | None) -> int:
     if isinstance(rng, np.random.Generator):
         return int(rng.integers(n))
-    return int(torch.randint(n, (1,), generator=rng).item())
+    device = rng.device if rng is not None else "cpu"
+    return int(torch.randint(n, (1,), generator=rng, device=device).item())
 
 
 def caption_options(value: Any) -> list[str]:
@@ -66,8 +67,10 @@ def caption_options(value: Any) -> list[str]:
 
 
 def choose_captions(options: Sequence[Sequence[str]], generator: torch.Generator | None = None) -> list[str]:
-    """One caption per example, drawn uniformly from its options with ``generator``."""
-    return [opts[_random_index(len(opts), generator)] if len(opts) > 1 else opts[0] for opts in options]
+    """One caption per example, drawn uniformly from its options with ``generator`` (CPU or CUDA)."""
+    device = generator.device if generator is not None else "cpu"
+    draws = torch.randint(2**62, (len(options),), generator=generator, device=device).tolist()  # one sync per batch
+    return [opts[d % len(opts)] for opts, d in zip(options, draws)]
 
 
 def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:

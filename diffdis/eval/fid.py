@@ -35,7 +35,7 @@ class FeatureExtractor(nn.Module):
     (1, 3, 299, 299) image) and calls ``forward`` with the uint8 images given to ``update``.
 
     Args:
-        model: the module owning the weights (kept in eval mode, no gradients).
+        model: the module owning the weights (kept in eval mode; features computed without gradients).
         feature_fn: maps images to features (N, num_features); ``model`` itself if None.
         num_features: feature dimension.
         name: identifies the feature space (and the weights) in reports and cache keys.
@@ -56,7 +56,7 @@ class FeatureExtractor(nn.Module):
         uint8_input: bool = False,
     ) -> None:
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval()
         self.feature_fn = feature_fn if feature_fn is not None else model
         self.num_features = num_features
         self.name = name

@@ -97,7 +97,10 @@ def embedded_labels(dataset, task: str) -> torch.Tensor:
 @torch.no_grad()
 def encode_texts(text_encoder, tokenizer, texts: Sequence[str], device, batch_size: int = 256) -> torch.Tensor:
     """Normalised text queries (N, d_e) of ``texts``, in batches."""
-    out = [encode_text(text_encoder, tokenize(tokenizer, list(texts[i : i + batch_size]), device))[1] for i in range(0, len(texts), batch_size)]
+    out = [
+        encode_text(text_encoder, tokenize(tokenizer, list(texts[i : i + batch_size]), device))[1]
+        for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(out).float()  # (N, d_e)
 
 
@@ -134,7 +137,9 @@ def evaluate_zero_shot(image_features: torch.Tensor, labels: torch.Tensor, class
         ``acc1``, ``acc5`` (only with at least 5 classes), ``mean_per_class_recall`` (over the
         classes present in ``labels``), ``num_samples`` and ``confusion_matrix`` (C, C) long tensor.
     """
-    logits = image_features.float() if classifier is None else image_features.float() @ classifier.float().to(image_features.device)
+    logits = image_features.float()  # (N, C) or (N, d)
+    if classifier is not None:
+        logits = logits @ classifier.float().to(logits.device)  # (N, C)
     labels = labels.to(logits.device).long()
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0] or logits.shape[0] == 0:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
@@ -184,7 +189,10 @@ def _recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> torch
 
 
 def retrieval_metrics(
-    image_features: torch.Tensor, text_features: torch.Tensor, text_to_image_index: torch.Tensor, recall_k: Sequence[int] = (1, 5, 10)
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_to_image_index: torch.Tensor,
+    recall_k: Sequence[int] = (1, 5, 10),
 ) -> Dict[str, float]:
     """Recall@k both ways, named as CLIP_benchmark.
 
@@ -249,7 +257,9 @@ def compute_image_features(
     return torch.cat([p for p in parts if p is not None])
 
 
-def diffdis_feature_fn(sampler: TextQuerySampler, vae=None, steps: int = 10, guidance: float = 0.0, noise_samples: int = 1) -> FeatureFn:
+def diffdis_feature_fn(
+    sampler: TextQuerySampler, vae=None, steps: int = 10, guidance: float = 0.0, noise_samples: int = 1
+) -> FeatureFn:
     """Feature function of DiffDis: pixels -> generated normalised image-side text queries (b, d_e)."""
     from ..pipelines.zeroshot import images_to_latents
 
@@ -316,29 +326,44 @@ def diffusion_classifier_logits(
     return -(errors / num_timesteps)  # (B, K)
 
 
-def class_contexts(text_encoder, tokenizer, classnames: Sequence[str], template: str, device, batch_size: int = 256) -> torch.Tensor:
+def class_contexts(
+    text_encoder, tokenizer, classnames: Sequence[str], template: str, device, batch_size: int = 256
+) -> torch.Tensor:
     """Context (K, L, d) of one prompt per class (the diffusion classifier's conditions)."""
     prompts = [template.format(c) for c in classnames]
     with torch.no_grad():
-        out = [encode_text(text_encoder, tokenize(tokenizer, prompts[i : i + batch_size], device))[0] for i in range(0, len(prompts), batch_size)]
+        out = [
+            encode_text(text_encoder, tokenize(tokenizer, prompts[i : i + batch_size], device))[0]
+            for i in range(0, len(prompts), batch_size)
+        ]
     return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------- benchmark
-def _images_per_second(call: Callable[[], object], num_images: int, repeats: int, device: torch.device) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+
+def _timed(call: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    call()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _interleaved_seconds(
+    calls: Dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> Dict[str, float]:
+    """Median seconds per call; one warm-up each, then rounds in rotating order so clock drift hits all alike."""
+    for call in calls.values():
         call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return num_images / statistics.median(times)
+    names, times = list(calls), {name: [] for name in calls}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(_timed(calls[name], device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _as_fusion(unet, fusion: str):
@@ -362,17 +387,19 @@ def benchmark_zeroshot(
     guidance: float = 0.0,
     class_counts: Sequence[int] = (10, 1000),
     dc_classes: int = 10,
-    dc_timesteps: int = 10,
+    dc_timesteps: int = 100,
+    dc_images: int = 2,
     repeats: int = 3,
     seed: int = 0,
 ) -> Dict[str, float]:
     """Images/s of DiffDis zero-shot classification vs the class count, the diffusion classifier, and fusion modes.
 
-    Returns ``diffdis_{n}_classes_img_s`` for each class count and ``class_count_ratio`` (first /
-    last; about 1 because the cost is O(steps) per image), ``diffusion_classifier_img_s`` and
-    ``diffusion_classifier_slowdown`` (DiffDis at ``dc_classes`` classes / diffusion classifier),
-    and ``joint_img_s``, ``one_way_cached_img_s``, ``one_way_speedup``. Class weights and class
-    contexts are random: only their sizes matter for speed.
+    Returns ``diffdis_{n}_classes_img_s`` per class count and ``class_count_ratio`` (first / last:
+    about 1, the cost is O(steps) per image), ``joint_img_s``, ``one_way_cached_img_s`` and
+    ``one_way_speedup`` (same weights, fusion switched), ``diffusion_classifier_img_s`` (``dc_classes``
+    classes × ``dc_timesteps`` UNet passes per image, timed once on ``dc_images`` images) and
+    ``diffusion_classifier_slowdown`` (DiffDis at the first class count / diffusion classifier).
+    Class weights and contexts are random: only their sizes matter for speed.
     """
     from diffusers import DDPMScheduler
 
@@ -382,26 +409,28 @@ def benchmark_zeroshot(
     d, ctx_len, ctx_dim = unet.config.text_dim, empty_context.shape[1], empty_context.shape[2]
 
     def classify(sampler: TextQuerySampler, weights: torch.Tensor) -> Callable[[], object]:
-        return lambda: (sampler(latents, steps, guidance, generator=torch.Generator().manual_seed(seed)) @ weights).argmax(1)
+        def call() -> torch.Tensor:
+            queries = sampler(latents, steps, guidance, generator=torch.Generator().manual_seed(seed))  # (B, d)
+            return (queries @ weights).argmax(dim=1)  # (B,)
 
-    out: Dict[str, float] = {"steps": steps, "guidance": guidance, "batch_size": b}
+        return call
+
     sampler = TextQuerySampler(unet, scheduler_config, empty_context, 1.0)
-    for n in class_counts:
-        weights = F.normalize(torch.randn(d, n, generator=g), dim=0).to(device)
-        out[f"diffdis_{n}_classes_img_s"] = _images_per_second(classify(sampler, weights), b, repeats, device)
-    out["class_count_ratio"] = out[f"diffdis_{class_counts[0]}_classes_img_s"] / out[f"diffdis_{class_counts[-1]}_classes_img_s"]
+    weights = {n: F.normalize(torch.randn(d, n, generator=g), dim=0).to(device) for n in class_counts}
+    calls = {f"diffdis_{n}_classes_img_s": classify(sampler, weights[n]) for n in class_counts}
+    for fusion, key in (("joint", "joint_img_s"), ("one_way", "one_way_cached_img_s")):
+        fused = TextQuerySampler(_as_fusion(unet, fusion), scheduler_config, empty_context, 1.0)
+        calls[key] = classify(fused, weights[class_counts[0]])
+    out: Dict[str, float] = {"steps": steps, "guidance": guidance, "batch_size": b, "dc_timesteps": dc_timesteps}
+    out.update({k: b / s for k, s in _interleaved_seconds(calls, repeats, device).items()})
+    first, last = (f"diffdis_{n}_classes_img_s" for n in (class_counts[0], class_counts[-1]))
+    out["class_count_ratio"] = out[first] / out[last]
+    out["one_way_speedup"] = out["one_way_cached_img_s"] / out["joint_img_s"]
 
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     contexts = torch.randn(dc_classes, ctx_len, ctx_dim, generator=g).to(device=device, dtype=unet.dtype)
-    dc = lambda: diffusion_classifier_logits(unet, latents, contexts, noise_scheduler, dc_timesteps, torch.Generator().manual_seed(seed))  # noqa: E731
-    out["diffusion_classifier_img_s"] = _images_per_second(dc, b, max(1, repeats // 2), device)
-    weights = F.normalize(torch.randn(d, dc_classes, generator=g), dim=0).to(device)
-    ours = out.get(f"diffdis_{dc_classes}_classes_img_s") or _images_per_second(classify(sampler, weights), b, repeats, device)
-    out["diffusion_classifier_slowdown"] = ours / out["diffusion_classifier_img_s"]
-
-    for fusion in ("joint", "one_way"):
-        s = TextQuerySampler(_as_fusion(unet, fusion), scheduler_config, empty_context, 1.0)
-        key = "one_way_cached_img_s" if fusion == "one_way" else "joint_img_s"
-        out[key] = _images_per_second(classify(s, weights), b, repeats, device)
-    out["one_way_speedup"] = out["one_way_cached_img_s"] / out["joint_img_s"]
+    few = latents[:dc_images]
+    seconds = _timed(lambda: diffusion_classifier_logits(unet, few, contexts, noise_scheduler, dc_timesteps, g), device)
+    out["diffusion_classifier_img_s"] = few.shape[0] / seconds
+    out["diffusion_classifier_slowdown"] = out[f"diffdis_{class_counts[0]}_classes_img_s"] / out["diffusion_classifier_img_s"]
     return out

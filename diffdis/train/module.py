@@ -47,10 +47,11 @@ def _randint(high: int, n: int, generator: torch.Generator, device) -> torch.Ten
 class DiffDisModule(nn.Module):
     """The trainable modules and the DiffDis objective.
 
-    ``forward(latents, input_ids, empty_ids, generator)`` runs the generation pass (L_IG) and, when
+    ``forward(latents, input_ids, empty_ids, generator, gather=True)`` runs the generation pass (L_IG) and, when
     ``lambda_ita > 0``, the discrimination pass (L_ITA) on the same batch, and returns a dict of
     named losses with the total under ``"loss"``. All randomness comes from ``generator`` so that a
-    checkpoint that saves its state resumes exactly.
+    checkpoint that saves its state resumes exactly. ``gather=False`` contrasts within the local
+    batch only (for evaluation passes that not every process takes part in).
     """
 
     def __init__(self, unet: DualStreamUNet, text_encoder: nn.Module, noise_scheduler: DDPMScheduler, options: StepOptions):
@@ -62,7 +63,12 @@ class DiffDisModule(nn.Module):
         self.register_buffer("alphas_cumprod", noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
 
     def forward(
-        self, latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor, generator: torch.Generator
+        self,
+        latents: torch.Tensor,
+        input_ids: torch.Tensor,
+        empty_ids: torch.Tensor,
+        generator: torch.Generator,
+        gather: bool = True,
     ) -> Dict[str, torch.Tensor]:
         opt = self.options
         b = latents.shape[0]
@@ -95,8 +101,9 @@ class DiffDisModule(nn.Module):
         if self.unet.config.text_prediction_type == "epsilon":
             pred_e = text_x0_from_eps(e_t, pred_e, t_e, self.alphas_cumprod, opt.text_scale)
         scale = self.unet.logit_scale.exp().clamp(max=opt.logit_scale_max)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        ita = contrastive_loss(pred_e, query, scale, gather=gather_with_grad, rank=rank)
+        distributed = gather and torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        ita = contrastive_loss(pred_e, query, scale, gather=gather_with_grad if distributed else None, rank=rank)
         out = total_loss(loss_ig, ita["loss"], opt.lambda_ita)
         out.update(acc_i2t=ita["acc_i2t"], acc_t2i=ita["acc_t2i"], logit_scale=scale.detach())
         return out

@@ -91,7 +91,7 @@ def validation_losses(accelerator, module, vae, batches, empty_ids, seed: int) -
             continue
         latents = _to_latents(vae, batch["pixel_values"].to(accelerator.device), gen)
         with accelerator.autocast():
-            out = model(latents, batch["input_ids"].to(accelerator.device), empty_ids, gen)
+            out = model(latents, batch["input_ids"].to(accelerator.device), empty_ids, gen, gather=False)
         sums += torch.stack([out[k].float() for k in keys] + [torch.ones((), device=accelerator.device)])
     sums = accelerator.reduce(sums, reduction="sum")
     model.train()
@@ -207,7 +207,8 @@ def train(cfg) -> Path:
     epoch = global_step // steps_per_epoch if steps_per_epoch else 0
     skip = (global_step % steps_per_epoch) * t.gradient_accumulation_steps if steps_per_epoch else global_step * t.gradient_accumulation_steps
     tic, tic_step = time.perf_counter(), global_step
-    while global_step < t.max_steps:
+    start, out_of_time = time.perf_counter(), False
+    while global_step < t.max_steps and not out_of_time:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         active = accelerator.skip_first_batches(loader, skip) if skip else loader
@@ -254,7 +255,10 @@ def train(cfg) -> Path:
                 logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()), main_process_only=True)
             if t.checkpointing_steps and global_step % t.checkpointing_steps == 0 and global_step < t.max_steps:
                 save_checkpoint(accelerator, out, global_step, t.checkpoints_total_limit)
-            if global_step >= t.max_steps:
+            if t.max_minutes and global_step % t.log_every == 0:  # all processes agree on when to stop
+                late = torch.tensor(float(time.perf_counter() - start > 60 * t.max_minutes), device=accelerator.device)
+                out_of_time = accelerator.reduce(late, reduction="sum").item() > 0
+            if global_step >= t.max_steps or out_of_time:
                 break
         epoch += 1
     progress.close()
