@@ -62,7 +62,7 @@ def _empty_context(text_parts) -> torch.Tensor:
 # ---------------------------------------------------------------------------- templates and classifier
 def test_builtin_tasks_have_expected_sizes():
     sizes = {"cifar10": (10, 18), "cifar100": (100, 18), "stl10": (10, 2), "pets": (37, 1), "flowers": (102, 1),
-             "food101": (101, 1), "imagenet1k": (1000, 80), "shape": (6, 3), "colour": (6, 3), "colour_shape": (36, 2)}
+             "food101": (101, 1), "imagenet1k": (1000, 80), "shape": (6, 9), "colour": (6, 9), "colour_shape": (36, 2)}
     for name, (n_cls, n_tmpl) in sizes.items():
         names, templates = zs.load_task(name)
         assert (len(names), len(templates)) == (n_cls, n_tmpl), name
