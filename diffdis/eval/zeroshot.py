@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..pipelines.bench import _timed
 from ..models.components import encode_text
 from ..pipelines.zeroshot import TextQuerySampler, tokenize
 
@@ -340,19 +341,6 @@ def class_contexts(
 
 
 # ---------------------------------------------------------------------------- benchmark
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(call: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    call()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def _interleaved_seconds(
     calls: Dict[str, Callable[[], object]], repeats: int, device: torch.device
 ) -> Dict[str, float]:
