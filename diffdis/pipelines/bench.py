@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from diffusers import DiffusionPipeline
@@ -32,12 +32,14 @@ def benchmark_sample(
     repeats: int = 3,
     guidance_scale: float = 3.0,
     seed: int = 0,
+    height: Optional[int] = None,
 ) -> dict:
     """Seconds per call of both pipelines on the same prompts, steps, guidance and seeds.
 
     One warm-up call each, then ``repeats`` rounds in which the two alternate who goes first (so drift in
     clock speed or caches hits both alike). Returns medians ``ours_s`` and ``vanilla_s`` and
-    ``ratio = ours_s / vanilla_s`` (below 1: ours is faster), plus the raw per-round times.
+    ``ratio = ours_s / vanilla_s`` (below 1: ours is faster), plus the raw per-round times. ``height`` sets
+    the (square) image size of both; default: each pipeline's own.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -47,7 +49,8 @@ def benchmark_sample(
         def call() -> object:
             gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
             return pipe(
-                prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="np"
+                prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="np",
+                height=height, width=height,
             )
 
         return call

@@ -1,0 +1,52 @@
+"""tools/benchmark.py: both subcommands write their JSON with the ratios; bad input is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+import benchmark  # noqa: E402  (tools/benchmark.py)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_benchmark_sample_writes_ratio(tmp_path):
+    out = tmp_path / "s.json"
+    assert benchmark.main(["sample", "--steps", "2", "--repeats", "1", "--batch-size", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["ratio"] == pytest.approx(result["ours_s"] / result["vanilla_s"])
+    assert result["resolution"] == 16 and result["num_prompts"] == 2 and result["steps"] == 2
+    assert "stand-in" in result["vae"] and result["unet_generation_params"] > 1e6
+
+
+def test_benchmark_zeroshot_writes_rates(tmp_path):
+    out = tmp_path / "z.json"
+    args = ["zeroshot", "--steps", "2", "--repeats", "1", "--batch-size", "2", "--classes", "10", "50",
+            "--dc-timesteps", "2", "--dc-images", "1", "--out", str(out)]
+    assert benchmark.main(args) == 0
+    result = json.loads(out.read_text())
+    for key in ("diffdis_10_classes_img_s", "diffdis_50_classes_img_s", "diffusion_classifier_img_s", "joint_img_s",
+                "one_way_cached_img_s"):
+        assert result[key] > 0
+    assert result["class_count_ratio"] == pytest.approx(
+        result["diffdis_10_classes_img_s"] / result["diffdis_50_classes_img_s"])
+
+
+def test_benchmark_bad_input(tmp_path, capsys):
+    assert benchmark.main(["sample", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert benchmark.main(["zeroshot", "--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert "not a DiffDis model folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
