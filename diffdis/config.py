@@ -132,7 +132,7 @@ class TrainConfig:
     output_dir: str = "outputs/tiny"
     seed: int = 0
     max_steps: int = 1000
-    max_minutes: Optional[float] = None  # also stop after this wall-clock time (the LR schedule still spans max_steps)
+    max_minutes: Optional[float] = None  # wall-clock budget: max_steps is lowered to fit at the measured speed (LR schedule rescaled); hard stop at the budget
     batch_size: int = 32  # per process
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3  # pretrained parameters (and all of a tiny model)

@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import broadcast as accelerate_broadcast
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
@@ -24,6 +25,7 @@ from .build import build_components, build_optimizer, caption_corpus, load_split
 from .checkpoint import GeneratorState, read_step, register_hooks, resolve_resume, save_checkpoint
 from .history import History
 from .module import DiffDisModule, StepOptions
+from .plan import StepPlan, rebuild_lr_schedule
 
 logger = get_logger("diffdis.train")
 
@@ -182,6 +184,8 @@ def train(cfg) -> Path:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(GeneratorState(generator))
+    plan = StepPlan(t.max_steps, t.max_minutes)
+    accelerator.register_for_checkpointing(plan)
     register_hooks(accelerator)
 
     empty_ids = components.tokenizer(
@@ -197,18 +201,20 @@ def train(cfg) -> Path:
         accelerator.load_state(str(resume))
         global_step = read_step(resume)
         logger.info(f"resumed from {resume} at step {global_step}", main_process_only=True)
+        if plan.total != t.max_steps:  # a time-fitted plan made before the checkpoint
+            rebuild_lr_schedule(lr_scheduler, t.lr_scheduler, t.lr_warmup_steps, plan.total, accelerator.num_processes)
     steps_per_epoch = None if iterable else len(loader) // t.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError(f"the training set has fewer than {t.batch_size * accelerator.num_processes} examples: lower train.batch_size")
     history = History(out / "logs" / "history.jsonl", enabled=accelerator.is_main_process, resume_step=global_step)
     logger.info(f"training {sum(p.numel() for p in module.parameters()) / 1e6:.2f} M parameters for {t.max_steps} steps", main_process_only=True)
 
-    progress = tqdm(total=t.max_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
+    progress = tqdm(total=plan.total, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
     epoch = global_step // steps_per_epoch if steps_per_epoch else 0
     skip = (global_step % steps_per_epoch) * t.gradient_accumulation_steps if steps_per_epoch else global_step * t.gradient_accumulation_steps
     tic, tic_step = time.perf_counter(), global_step
-    start, out_of_time = time.perf_counter(), False
-    while global_step < t.max_steps and not out_of_time:
+    start, out_of_time, steps_run = time.perf_counter(), False, 0
+    while global_step < plan.total and not out_of_time:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         active = accelerator.skip_first_batches(loader, skip) if skip else loader
@@ -230,10 +236,22 @@ def train(cfg) -> Path:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            steps_run += 1
             progress.update(1)
+            if not plan.planned:
+                # every process measures; the main process's plan is broadcast so all agree
+                message = plan.observe(steps_run, global_step, time.perf_counter() - start)
+                if plan.planned:
+                    total = torch.tensor([plan.total], device=accelerator.device)
+                    plan.total = int(accelerate_broadcast(total).item())
+                    if plan.total != t.max_steps:
+                        rebuild_lr_schedule(lr_scheduler, t.lr_scheduler, t.lr_warmup_steps, plan.total, accelerator.num_processes)
+                        progress.total = plan.total
+                        progress.refresh()
+                    logger.info(message, main_process_only=True)
             if ema is not None:
                 ema.step(accelerator.unwrap_model(module).parameters())
-            if global_step % t.log_every == 0 or global_step == t.max_steps:
+            if global_step % t.log_every == 0 or global_step == plan.total:
                 elapsed = time.perf_counter() - tic
                 logs = {f"train/{k}": accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in losses.items()}
                 logs["train/lr"] = lr_scheduler.get_last_lr()[0]
@@ -243,7 +261,7 @@ def train(cfg) -> Path:
                 accelerator.log(logs, step=global_step)
                 history.add(global_step, logs)
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-            if val_batches and (global_step % t.validation_every == 0 or global_step == t.max_steps):
+            if val_batches and (global_step % t.validation_every == 0 or global_step == plan.total):
                 if ema is not None:
                     ema.store(module.parameters())
                     ema.copy_to(module.parameters())
@@ -253,12 +271,12 @@ def train(cfg) -> Path:
                 accelerator.log(val, step=global_step)
                 history.add(global_step, val)
                 logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()), main_process_only=True)
-            if t.checkpointing_steps and global_step % t.checkpointing_steps == 0 and global_step < t.max_steps:
+            if t.checkpointing_steps and global_step % t.checkpointing_steps == 0 and global_step < plan.total:
                 save_checkpoint(accelerator, out, global_step, t.checkpoints_total_limit)
             if t.max_minutes and global_step % t.log_every == 0:  # all processes agree on when to stop
                 late = torch.tensor(float(time.perf_counter() - start > 60 * t.max_minutes), device=accelerator.device)
                 out_of_time = accelerator.reduce(late, reduction="sum").item() > 0
-            if global_step >= t.max_steps or out_of_time:
+            if global_step >= plan.total or out_of_time:
                 break
         epoch += 1
     progress.close()
@@ -273,6 +291,8 @@ def train(cfg) -> Path:
         history.plot(out / "curves.png")
         summary = {
             "global_step": global_step,
+            "planned_steps": plan.total,
+            "configured_steps": t.max_steps,
             "num_processes": accelerator.num_processes,
             "replica_param_checksums": checksums,
             "num_skipped_examples": collate.num_skipped,
