@@ -13,7 +13,7 @@ FID is computed on the embedded test split: images generated from its captions a
 images, in the feature space of the reference attribute classifier (an offline stand-in for
 Inception, cached in ~/.cache/diffdis); pass --extractor inception --inception-weights FILE for the
 standard 2048-d Inception features (optional `fid` extra). For real-scale runs, --fid-reference DIR
-takes an imagefolder with a metadata.jsonl of {"file_name", "text"} (e.g. COCO-30k: 30k captions and
+takes an imagefolder with a metadata.jsonl of {"file_name", "text" or "caption"} (e.g. COCO-30k: 30k captions and
 their images) and --preset coco30k sets 30,000 images and Inception features.
 Prompt adherence: share of images generated from "a {colour} {shape}" (every combination) whose
 shape and colour the reference classifier recognises. Generation work is sharded across processes.
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None, help="local Inception weights file for --extractor inception")
     p.add_argument("--fid-reference", default=None,
                    help="imagefolder with metadata.jsonl (file_name, text) as FID reference (default: embedded test)")
+    p.add_argument("--reference-steps", type=int, default=800,
+                   help="training steps of the reference classifier when it is not cached yet (default: 800)")
     p.add_argument("--ablation", default=None, help="ablation.json from tools/ablation.py to include in the report")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the accelerator's device)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
@@ -101,8 +103,8 @@ def fid_reference(args, num: int, resolution: int) -> Tuple[List[str], torch.Ten
         if not meta.is_file():
             raise CliError(f"--fid-reference {folder} has no metadata.jsonl (lines of {{\"file_name\", \"text\"}})")
         rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()][:num]
-        if any("file_name" not in r or "text" not in r for r in rows):
-            raise CliError(f"{meta}: every line needs 'file_name' and 'text'")
+        if any("file_name" not in r or not isinstance(r.get("text", r.get("caption")), str) for r in rows):
+            raise CliError(f"{meta}: every line needs 'file_name' and a 'text' (or 'caption') string")
         from PIL import Image
 
         images = []
@@ -111,7 +113,7 @@ def fid_reference(args, num: int, resolution: int) -> Tuple[List[str], torch.Ten
                 images.append(resize_and_crop(Image.open(folder / r["file_name"]).convert("RGB"), resolution))
             except OSError as err:
                 raise CliError(f"cannot read reference image {folder / r['file_name']}: {err}") from None
-        captions, name = [r["text"] for r in rows], f"{folder.name}-r{resolution}"
+        captions, name = [r.get("text", r.get("caption")) for r in rows], f"{folder.name}-r{resolution}"
     else:
         from diffdis.data.embedded import make_embedded_dataset
 
@@ -184,7 +186,7 @@ def run(args) -> Dict:
     classifier = None
     if ("fid" in parts and args.extractor == "reference") or ("adherence" in parts and sizes[1] > 0):
         t = time.perf_counter()
-        classifier = load_or_train_reference_classifier(resolution=16)
+        classifier = load_or_train_reference_classifier(resolution=16, steps=args.reference_steps)
         out["timings_s"]["reference_classifier"] = time.perf_counter() - t
     if "fid" in parts and sizes[0] > 0:
         t = time.perf_counter()
@@ -199,7 +201,8 @@ def run(args) -> Dict:
         t = time.perf_counter()
         metrics, images, prompts = evaluate_adherence(pipe, classifier, sizes[1], settings, accelerator, args.progress)
         out["adherence"] = metrics
-        out["metrics"].update({k: v for k, v in metrics.items() if isinstance(v, float) and "num_images" not in k})
+        scores = ("shape", "colour", "both", "colour_pixel", "colour_agreement")
+        out["metrics"].update({f"adherence/{k}": metrics[f"adherence/{k}"] for k in scores})
         out["grid"] = adherence_grid(images, prompts)
         out["timings_s"]["adherence"] = time.perf_counter() - t
     del pipe
@@ -312,6 +315,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise CliError("--preset coco30k needs --fid-reference DIR (captions and images of the reference set)")
         if args.preset == "coco30k":
             args.extractor = "inception"
+        if args.extractor == "inception" and "fid" not in args.skip:
+            if not args.inception_weights:
+                raise CliError("--extractor inception needs --inception-weights FILE (nothing can be downloaded)")
+            if not Path(args.inception_weights).expanduser().is_file():
+                raise CliError(f"Inception weights not found at {args.inception_weights}; put the"
+                               " pt_inception-2015-12-05 weights file there (torch-fidelity releases)")
+        if not args.progress:  # loading bars of diffusers / transformers; our own bars follow --progress
+            import diffusers
+            import transformers
+
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
         result = run(args)
     except (CliError, ZeroShotModelError, TemplateError) as err:
         print(f"error: {err}", file=sys.stderr)
