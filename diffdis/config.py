@@ -154,6 +154,13 @@ class TrainConfig:
     log_every: int = 10
     validation_every: int = 200  # steps between validation-loss evaluations; 0 disables
     validation_batches: int = 4
+    eval_every: int = 0  # steps between evaluations during training (adherence, zero-shot, sample grid; embedded data only); 0 disables
+    eval_adherence_per_combo: int = 1  # images per shape x colour prompt (36 prompts) for prompt adherence and the grid; 0 skips them
+    eval_zeroshot_samples: int = 120  # embedded test images classified zero-shot (shape, colour, colour_shape tasks); 0 skips
+    eval_steps: int = 20  # DDIM sampling steps of the evaluation images
+    eval_guidance: float = 3.0  # classifier-free guidance scale of the evaluation images (diffusers' g; <= 1 is unguided)
+    eval_zs_steps: int = 10  # text-query denoising steps K of the zero-shot evaluation
+    eval_batch_size: int = 64  # images per batch and process during evaluation
     report_to: str = "tensorboard"  # "tensorboard", "wandb", "all" or "none"
 
 
@@ -204,6 +211,29 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.max_steps and train.batch_size must be at least 1")
     if not 0.0 < cfg.loss.text_scale <= 1.0:
         raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be in (0, 1]")
+    _validate_evaluation(cfg)
+
+
+def _validate_evaluation(cfg: Config) -> None:
+    t = cfg.train
+    if min(t.eval_every, t.eval_adherence_per_combo, t.eval_zeroshot_samples) < 0:
+        raise ConfigError("train.eval_every, train.eval_adherence_per_combo and train.eval_zeroshot_samples must be >= 0")
+    if t.eval_steps < 1 or t.eval_zs_steps < 1 or t.eval_batch_size < 1:
+        raise ConfigError("train.eval_steps, train.eval_zs_steps and train.eval_batch_size must be at least 1")
+    check_evaluation_data(cfg)
+
+
+def check_evaluation_data(cfg) -> None:
+    """Raise :class:`ConfigError` when evaluation during training is on for data other than the embedded shapes.
+
+    Prompt adherence and zero-shot accuracy are scored on the embedded shapes (reference classifier,
+    shape/colour tasks), so such a run is rejected before it trains rather than skipped with a warning.
+    """
+    if cfg.train.eval_every > 0 and cfg.data.name != "embedded":
+        raise ConfigError(
+            f"train.eval_every={cfg.train.eval_every} needs data.name=embedded (got {cfg.data.name!r}): prompt adherence"
+            " and zero-shot accuracy are scored on the embedded shapes; set train.eval_every=0"
+        )
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
@@ -23,6 +25,7 @@ from ..config import save_config
 from ..data.transforms import choose_captions, tokenize
 from .build import build_components, build_optimizer, caption_corpus, load_split, make_collator
 from .checkpoint import GeneratorState, read_step, register_hooks, resolve_resume, save_checkpoint
+from .evaluation import TrainingEvaluator
 from .history import History
 from .module import DiffDisModule, StepOptions
 from .plan import StepPlan, rebuild_lr_schedule
@@ -80,6 +83,21 @@ def _to_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> 
         return (dist.sample(generator=generator) * vae.config.scaling_factor).float()
 
 
+@contextlib.contextmanager
+def ema_weights(ema: Optional[EMAModel], parameters) -> Iterator[None]:
+    """Swap the EMA weights into ``parameters`` for the block (no-op without EMA), then restore the trained ones."""
+    if ema is None:
+        yield
+        return
+    parameters = list(parameters)
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
 @torch.no_grad()
 def validation_losses(accelerator, module, vae, batches, empty_ids, seed: int) -> Dict[str, float]:
     """Mean losses on fixed validation batches with fixed noise, sharded across processes."""
@@ -99,6 +117,37 @@ def validation_losses(accelerator, module, vae, batches, empty_ids, seed: int) -
     model.train()
     n = max(sums[-1].item(), 1.0)
     return {f"val/{k}": sums[i].item() / n for i, k in enumerate(keys)}
+
+
+def run_evaluation(accelerator, evaluator: TrainingEvaluator, module, components, ema, history: History, out: Path, step: int) -> Dict[str, float]:
+    """Evaluate with the EMA weights on every process (the evaluator shards its work); log on the main process.
+
+    Scalars go to the trackers and the history, the sample grid to ``<out>/eval_samples/step-<N>.png``
+    and, when tensorboard is on, to its ``eval/samples`` image.
+    """
+    model = accelerator.unwrap_model(module)
+    with ema_weights(ema, module.parameters()):
+        metrics, grid = evaluator(
+            accelerator, model.unet, model.text_encoder, components.tokenizer, components.noise_scheduler.config, components.vae, step
+        )
+    if accelerator.is_main_process:
+        accelerator.log(metrics, step=step)
+        history.add(step, metrics)
+        if grid is not None:
+            (out / "eval_samples").mkdir(parents=True, exist_ok=True)
+            grid.save(out / "eval_samples" / f"step-{step}.png")
+            _log_image(accelerator, "eval/samples", np.asarray(grid.convert("RGB")), step)
+        logger.info(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()), main_process_only=True)
+    return metrics
+
+
+def _log_image(accelerator, tag: str, image: np.ndarray, step: int) -> None:
+    """Add an (H, W, 3) uint8 image to the tensorboard tracker, if there is one."""
+    for tracker in accelerator.trackers:
+        writer = getattr(tracker, "writer", None) if tracker.name == "tensorboard" else None
+        if writer is not None:
+            writer.add_image(tag, image, step, dataformats="HWC")
+            writer.flush()
 
 
 def _fixed_batches(cfg, tokenizer, n: int):
@@ -192,6 +241,10 @@ def train(cfg) -> Path:
         [""], padding="max_length", max_length=components.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(accelerator.device)
     val_batches = _fixed_batches(cfg, components.tokenizer, t.validation_batches) if t.validation_every > 0 else []
+    evaluator = None
+    if t.eval_every > 0:
+        with accelerator.main_process_first():  # the main process trains and caches the reference classifier if absent
+            evaluator = TrainingEvaluator.from_config(cfg, accelerator)
     if accelerator.is_main_process and t.report_to != "none":
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
         accelerator.init_trackers("diffdis", config=flat)
@@ -262,15 +315,13 @@ def train(cfg) -> Path:
                 history.add(global_step, logs)
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
             if val_batches and (global_step % t.validation_every == 0 or global_step == plan.total):
-                if ema is not None:
-                    ema.store(module.parameters())
-                    ema.copy_to(module.parameters())
-                val = validation_losses(accelerator, module, components.vae, val_batches, empty_ids, seed=t.seed + 12345)
-                if ema is not None:
-                    ema.restore(module.parameters())
+                with ema_weights(ema, module.parameters()):
+                    val = validation_losses(accelerator, module, components.vae, val_batches, empty_ids, seed=t.seed + 12345)
                 accelerator.log(val, step=global_step)
                 history.add(global_step, val)
                 logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()), main_process_only=True)
+            if evaluator is not None and (global_step % t.eval_every == 0 or global_step == plan.total):
+                run_evaluation(accelerator, evaluator, module, components, ema, history, out, global_step)
             if t.checkpointing_steps and global_step % t.checkpointing_steps == 0 and global_step < plan.total:
                 save_checkpoint(accelerator, out, global_step, t.checkpoints_total_limit)
             if t.max_minutes and global_step % t.log_every == 0:  # all processes agree on when to stop

@@ -1,0 +1,225 @@
+"""Evaluation during training: prompt adherence, zero-shot accuracy and a sample grid.
+
+Every ``train.eval_every`` steps the trainer calls a :class:`TrainingEvaluator` on **all** processes:
+image generation (:func:`diffdis.eval.suite.evaluate_adherence`) and zero-shot feature extraction
+(:func:`diffdis.eval.zeroshot.compute_image_features`) are sharded across processes and gathered, so
+every process returns the same metrics and no process idles while rank 0 works.
+
+The metrics are only meaningful on the embedded shapes data: the reference attribute classifier and
+the zero-shot tasks (``shape``, ``colour``, ``colour_shape``) know its shapes and colours. A run with
+``train.eval_every > 0`` on other data is therefore rejected at start-up with a
+:class:`~diffdis.config.ConfigError` (:func:`diffdis.config.check_evaluation_data`, called by
+:func:`diffdis.config.load_config` and again by :meth:`TrainingEvaluator.from_config`) rather than warned about and skipped: a misconfigured run fails
+before it trains instead of silently logging nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+
+from ..config import check_evaluation_data
+from ..data.embedded import make_embedded_dataset
+from ..data.transforms import to_pixel_values
+from ..eval.reference import AttributeClassifier, load_or_train_reference_classifier
+from ..eval.suite import SamplingSettings, adherence_grid, evaluate_adherence
+from ..eval.zeroshot import (
+    EMBEDDED_TASKS,
+    build_zero_shot_classifier,
+    compute_image_features,
+    diffdis_feature_fn,
+    embedded_labels,
+    evaluate_zero_shot,
+    load_task,
+)
+from ..models.components import encode_text
+from ..pipelines import DiffDisPipeline, make_scheduler
+from ..pipelines.zeroshot import TextQuerySampler, tokenize
+
+logger = logging.getLogger("diffdis.train")
+
+REFERENCE_RESOLUTION = 16  # the reference classifier's input size (generated images are resized to it)
+ADHERENCE_KEYS = ("shape", "colour", "both", "colour_pixel")
+
+
+@dataclass
+class EvalSettings:
+    """Sizes and sampler settings of the evaluation during training (``train.eval_*``)."""
+
+    adherence_per_combo: int = 1  # images per shape x colour prompt; 0 skips adherence and the grid
+    zeroshot_samples: int = 120  # embedded test images classified zero-shot; 0 skips zero-shot
+    steps: int = 20  # DDIM steps of the adherence samples
+    guidance: float = 3.0  # classifier-free guidance scale of the adherence samples
+    zs_steps: int = 10  # text-query denoising steps K of zero-shot classification
+    batch_size: int = 64  # images per batch and process
+    seed: int = 0  # noise seed of both parts: the same noise at every evaluation
+    text_scale: float = 1.0  # gamma of the text forward process (``loss.text_scale``)
+
+    @classmethod
+    def from_config(cls, cfg) -> "EvalSettings":
+        """Settings from a run config; zero-shot is skipped when the text stream is not trained."""
+        t = cfg.train
+        zeroshot = t.eval_zeroshot_samples if cfg.loss.lambda_ita > 0 else 0
+        return cls(
+            adherence_per_combo=t.eval_adherence_per_combo,
+            zeroshot_samples=zeroshot,
+            steps=t.eval_steps,
+            guidance=t.eval_guidance,
+            zs_steps=t.eval_zs_steps,
+            batch_size=t.eval_batch_size,
+            seed=t.seed,
+            text_scale=cfg.loss.text_scale,
+        )
+
+
+def embedded_test_subset(num: int, resolution: int, seed: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The first ``num`` embedded test images as pixels (N, 3, R, R) in [-1, 1] and labels (N,) per task."""
+    dataset = make_embedded_dataset("test", num, resolution=resolution, seed=seed)
+    pixels = torch.stack([to_pixel_values(im) for im in dataset["image"]])  # (N, 3, R, R)
+    return pixels, {task: embedded_labels(dataset, task) for task in EMBEDDED_TASKS}
+
+
+def build_pipeline(unet, text_encoder, tokenizer, scheduler_config, vae=None) -> DiffDisPipeline:
+    """A ``DiffDisPipeline`` around live (unwrapped) modules, sampling with DDIM on the training schedule."""
+    pipe = DiffDisPipeline(
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=make_scheduler("ddim", scheduler_config), vae=vae
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def eval_mode(modules: Sequence[Optional[torch.nn.Module]]) -> Iterator[None]:
+    """Put ``modules`` in eval mode, then give each back the mode it had (None entries are skipped)."""
+    present = [m for m in modules if m is not None]
+    was_training = [m.training for m in present]
+    for m in present:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(present, was_training):
+            m.train(mode)
+
+
+class TrainingEvaluator:
+    """Prompt adherence, zero-shot accuracy and a shapes x colours sample grid of the live model.
+
+    Built once before the training loop (:meth:`from_config`) with everything that does not change
+    during training: the fixed test subset, its labels, the class names and templates, and the
+    reference classifier. Calling it evaluates the modules as they are (the trainer swaps the EMA
+    weights in first); see the module docstring for why non-embedded data is a start-up error.
+
+    Args:
+        settings: sizes and sampler settings.
+        classifier: the reference attribute classifier (needed when ``settings.adherence_per_combo > 0``).
+        pixels: zero-shot test images (N, 3, R, R) in [-1, 1] (needed when ``settings.zeroshot_samples > 0``).
+        labels: ``{task: (N,) class ids}`` of ``pixels`` for every task of ``EMBEDDED_TASKS``.
+    """
+
+    def __init__(
+        self,
+        settings: EvalSettings,
+        classifier: Optional[AttributeClassifier] = None,
+        pixels: Optional[torch.Tensor] = None,
+        labels: Optional[Dict[str, torch.Tensor]] = None,
+    ):
+        if settings.adherence_per_combo > 0 and classifier is None:
+            raise ValueError("prompt adherence needs the reference classifier")
+        if settings.zeroshot_samples > 0 and (pixels is None or labels is None):
+            raise ValueError("zero-shot accuracy needs the test images and their labels")
+        self.settings = settings
+        self.classifier = classifier
+        self.pixels = pixels  # (N, 3, R, R)
+        self.labels = labels or {}
+        self.tasks = {task: load_task(task) for task in EMBEDDED_TASKS} if settings.zeroshot_samples > 0 else {}
+
+    @classmethod
+    def from_config(cls, cfg, accelerator=None, classifier: Optional[AttributeClassifier] = None) -> "TrainingEvaluator":
+        """Build from a run config (call on every process, inside ``accelerator.main_process_first()``).
+
+        The reference classifier is loaded from its disk cache (trained and cached on a miss), so the
+        main process must go first: the others then find it cached instead of training it too.
+
+        Raises:
+            ConfigError: ``train.eval_every > 0`` with data other than the embedded shapes.
+        """
+        check_evaluation_data(cfg)
+        settings = EvalSettings.from_config(cfg)
+        device = accelerator.device if accelerator is not None else "cpu"
+        if classifier is None and settings.adherence_per_combo > 0:
+            classifier = load_or_train_reference_classifier(resolution=REFERENCE_RESOLUTION, device=device)
+        if classifier is not None:
+            classifier = classifier.to(device).eval()
+        pixels, labels = None, None
+        if settings.zeroshot_samples > 0:
+            pixels, labels = embedded_test_subset(settings.zeroshot_samples, cfg.data.resolution, cfg.data.seed)
+        return cls(settings, classifier, pixels, labels)
+
+    @torch.no_grad()
+    def __call__(
+        self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae=None, step: Optional[int] = None
+    ) -> Tuple[Dict[str, float], Optional[Image.Image]]:
+        """Evaluate on every process (each takes its shard); every process returns the same results.
+
+        Args:
+            accelerator: an ``accelerate.Accelerator`` (None: one process, on the UNet's device).
+            unet: the unwrapped ``DualStreamUNet``; text_encoder, tokenizer, vae: the run's components.
+            scheduler_config: the training noise scheduler's config (DDIM and the text sampler reuse its schedule).
+            step: the global step, for the log only.
+
+        Returns:
+            ``(metrics, grid)``: ``eval/adherence_{shape,colour,both,colour_pixel}`` (with adherence on),
+            ``eval/zeroshot_{shape,colour,colour_shape}`` (top-1, with zero-shot on) and ``eval/seconds``;
+            the captioned shapes x colours grid as a PIL image, or None when adherence is off.
+        """
+        start = time.perf_counter()
+        autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+        metrics: Dict[str, float] = {}
+        grid = None
+        # fixed per-image generators drive all sampling; fork_rng keeps the training RNG untouched regardless
+        devices = [unet.device] if unet.device.type == "cuda" else []
+        with eval_mode([unet, text_encoder, vae]), torch.random.fork_rng(devices=devices), autocast:
+            if self.settings.adherence_per_combo > 0:
+                adherence, grid = self._adherence(accelerator, unet, text_encoder, tokenizer, scheduler_config, vae)
+                metrics.update(adherence)
+            if self.settings.zeroshot_samples > 0:
+                metrics.update(self._zero_shot(accelerator, unet, text_encoder, tokenizer, scheduler_config, vae))
+        metrics["eval/seconds"] = time.perf_counter() - start
+        logger.debug(f"evaluation at step {step} took {metrics['eval/seconds']:.1f} s")
+        return metrics, grid
+
+    def _adherence(self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae) -> Tuple[Dict[str, float], Image.Image]:
+        """Adherence metrics of "a {colour} {shape}" samples (generation sharded) and their grid."""
+        s = self.settings
+        pipe = build_pipeline(unet, text_encoder, tokenizer, scheduler_config, vae)
+        sampling = SamplingSettings(steps=s.steps, guidance=s.guidance, scheduler="ddim", seed=s.seed, batch_size=s.batch_size)
+        found, images, prompts = evaluate_adherence(pipe, self.classifier, s.adherence_per_combo, sampling, accelerator)
+        metrics = {f"eval/adherence_{k}": float(found[f"adherence/{k}"]) for k in ADHERENCE_KEYS}
+        return metrics, adherence_grid(images, prompts)  # images: (36 * per_combo, 3, H, W) uint8
+
+    def _zero_shot(self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae) -> Dict[str, float]:
+        """Top-1 zero-shot accuracy per embedded task; the DiffDis features are sharded, then shared by all tasks."""
+        s = self.settings
+        device = unet.device
+        context, _ = encode_text(text_encoder, tokenize(tokenizer, [""], device))  # (1, L, d_ctx)
+        sampler = TextQuerySampler(unet, scheduler_config, context.to(unet.dtype), s.text_scale)
+        feature_fn = diffdis_feature_fn(sampler, vae, s.zs_steps, guidance=0.0)
+        features = compute_image_features(
+            feature_fn, self._load_pixels, self.pixels.shape[0], s.batch_size, s.seed, accelerator
+        )  # (N, d_e) on every process
+        metrics = {}
+        for task, (classnames, templates) in self.tasks.items():
+            weights = build_zero_shot_classifier(text_encoder, tokenizer, classnames, templates, device)  # (d_e, C)
+            metrics[f"eval/zeroshot_{task}"] = float(evaluate_zero_shot(features, self.labels[task], weights)["acc1"])
+        return metrics
+
+    def _load_pixels(self, indices: List[int]) -> torch.Tensor:
+        """Test images (b, 3, R, R) in [-1, 1] of ``indices``."""
+        return self.pixels[indices]
