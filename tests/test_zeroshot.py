@@ -89,6 +89,24 @@ def test_classifier_shape_normalisation_and_template_average(text_parts):
     torch.testing.assert_close(single, q[:, 0].T)
 
 
+def test_max_ensemble_scores_each_class_by_its_best_template(text_parts):
+    tok, enc = text_parts
+    names, templates = ["circle", "square"], ["a red {}", "a blue {}", "a green {}"]
+    weights = zs.build_zero_shot_classifier(enc, tok, names, templates, "cpu", ensemble="max")
+    assert weights.shape == (CONTEXT_DIM, 2, 3)
+    q = zs.encode_texts(enc, tok, [t.format(n) for n in names for t in templates], "cpu").view(2, 3, -1)
+    feats = F.normalize(torch.randn(5, CONTEXT_DIM, generator=torch.Generator().manual_seed(0)), dim=-1)
+    expected = torch.einsum("nd,ctd->nct", feats, F.normalize(q, dim=-1)).amax(-1)  # (5, 2)
+    torch.testing.assert_close(zs.class_logits(feats, weights), expected)
+    # an image equal to one template's query is classified as that template's class, whatever the others say
+    hit = zs.evaluate_zero_shot(F.normalize(q[1, 2:3], dim=-1), torch.tensor([1]), weights)
+    assert hit["acc1"] == 1.0
+    assert zs.task_ensemble("shape") == "max" and zs.task_ensemble("colour") == "max"
+    assert zs.task_ensemble("cifar10") == "mean" and zs.task_ensemble("my_folder") == "mean"
+    with pytest.raises(ValueError, match="ensemble"):
+        zs.build_zero_shot_classifier(enc, tok, names, templates, "cpu", ensemble="median")
+
+
 # ---------------------------------------------------------------------------- metrics
 def test_evaluate_zero_shot_hand_computed():
     logits = torch.tensor([

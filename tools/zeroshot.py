@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="K denoising steps of the text query (default: 10)")
     p.add_argument("--guidance", type=float, default=0.0, help="w: (1+w)Φ(e,t,z) − wΦ(e,t,∅) (default: 0)")
     p.add_argument("--noise-samples", type=int, default=1, help="noise samples averaged per image (default: 1)")
+    p.add_argument("--ensemble", default="auto", choices=("auto",) + zs.ENSEMBLES,
+                   help="template pooling: mean (CLIP's averaged embedding), max (best template per class) or auto"
+                   " (the built-in task's choice: max for the embedded shape and colour tasks; else mean) (default: auto)")
     p.add_argument("--scheduler", default="ddim", choices=TEXT_SCHEDULERS, help="text-query sampler (default: ddim)")
     p.add_argument("--dc-timesteps", type=int, default=10, help="diffusion classifier: timesteps per class (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image noise (default: 0)")
@@ -182,12 +185,15 @@ def classify(model, args, tasks: Dict, load, n: int, accelerator) -> Dict[str, D
                 sampler = TextQuerySampler.from_model(model, args.scheduler)
                 fn = zs.diffdis_feature_fn(sampler, model.vae, args.steps, args.guidance, args.noise_samples)
                 features = zs.compute_image_features(fn, load, n, args.batch_size, args.seed, accelerator, args.progress)
-            weights = zs.build_zero_shot_classifier(model.text_encoder, model.tokenizer, classnames, templates, model.unet.device)
+            ensemble = args.ensemble if args.ensemble != "auto" else zs.task_ensemble(task)
+            weights = zs.build_zero_shot_classifier(model.text_encoder, model.tokenizer, classnames, templates,
+                                                    model.unet.device, ensemble=ensemble)
             metrics = zs.evaluate_zero_shot(features, labels, weights)
         else:
             logits = _diffusion_classifier_logits(model, args, classnames, templates, load, n, accelerator)
             metrics = zs.evaluate_zero_shot(logits, labels)
         results[task] = {"task": "zeroshot_classification", "metrics": metrics, "chance": 1.0 / len(classnames),
+                         "ensemble": ensemble if args.method == "diffdis" else None,
                          "num_classes": len(classnames), "classnames": classnames, "templates": templates}
     return results
 
@@ -262,6 +268,7 @@ def print_table(results: Dict) -> None:
 def _settings(args, model_dir: str, resolution: int, world: int) -> Dict:
     return {"model": model_dir, "dataset": args.dataset, "split": args.split, "task": args.task, "method": args.method,
             "steps": args.steps, "guidance": args.guidance, "noise_samples": args.noise_samples, "scheduler": args.scheduler,
+            "ensemble": args.ensemble,
             "dc_timesteps": args.dc_timesteps, "seed": args.seed, "num_samples": args.num_samples,
             "resolution": resolution, "num_processes": world}
 

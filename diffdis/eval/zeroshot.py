@@ -54,6 +54,25 @@ def load_task(name: str) -> Tuple[List[str], List[str]]:
     return list(data["classnames"]), _check_templates(data["templates"], name)
 
 
+ENSEMBLES = ("mean", "max")
+
+
+def task_ensemble(name: str) -> str:
+    """How a built-in task pools its templates: ``"mean"`` (CLIP's averaged embedding) or ``"max"``.
+
+    ``"max"`` scores a class by its best-matching template. The embedded shape and colour tasks use it:
+    their templates name the *other* attribute ("a red {}", "a green {}", ...), and an image matches one
+    of them, not their average.
+    """
+    if name not in task_names():
+        return "mean"
+    data = json.loads((resources.files("diffdis.eval") / "templates" / f"{name}.json").read_text())
+    ensemble = data.get("ensemble", "mean")
+    if ensemble not in ENSEMBLES:
+        raise TemplateError(f"{name}: ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
+    return ensemble
+
+
 def load_classnames_file(path: Union[str, Path]) -> List[str]:
     """Class names from a JSON list, a JSON object with ``classnames``, or a text file (one per line)."""
     try:
@@ -107,15 +126,38 @@ def encode_texts(text_encoder, tokenizer, texts: Sequence[str], device, batch_si
 
 @torch.no_grad()
 def build_zero_shot_classifier(
-    text_encoder, tokenizer, classnames: Sequence[str], templates: Sequence[str], device="cpu", batch_size: int = 256
+    text_encoder,
+    tokenizer,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    device="cpu",
+    batch_size: int = 256,
+    ensemble: str = "mean",
 ) -> torch.Tensor:
-    """Class weights (d_e, num_classes): normalised template queries averaged per class, renormalised."""
+    """Class weights from class names x templates.
+
+    ``ensemble="mean"``: (d_e, C), the normalised template queries averaged per class and renormalised
+    (open_clip / CLIP_benchmark). ``ensemble="max"``: (d_e, C, T), every normalised template query kept;
+    :func:`class_logits` then scores a class by its best template.
+    """
     if not classnames or not templates:
         raise ValueError("need at least one class name and one template")
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
     texts = [template.format(name) for name in classnames for template in templates]
     queries = encode_texts(text_encoder, tokenizer, texts, device, batch_size)  # (C*T, d)
-    per_class = queries.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, d)
-    return F.normalize(per_class, dim=-1).T.contiguous()  # (d, C)
+    queries = queries.view(len(classnames), len(templates), -1)  # (C, T, d)
+    if ensemble == "max":
+        return F.normalize(queries, dim=-1).permute(2, 0, 1).contiguous()  # (d, C, T)
+    return F.normalize(queries.mean(dim=1), dim=-1).T.contiguous()  # (d, C)
+
+
+def class_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Cosine logits (N, C) of normalised features (N, d) against (d, C) weights, or (d, C, T) max-pooled."""
+    classifier = classifier.float().to(image_features.device)
+    if classifier.ndim == 3:
+        return torch.einsum("nd,dct->nct", image_features.float(), classifier).amax(dim=-1)  # (N, C)
+    return image_features.float() @ classifier  # (N, C)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -132,7 +174,7 @@ def evaluate_zero_shot(image_features: torch.Tensor, labels: torch.Tensor, class
         image_features: (N, d) normalised features, or (N, C) logits when ``classifier`` is None
             (e.g. from :func:`diffusion_classifier_logits`).
         labels: (N,) class indices.
-        classifier: (d, C) from :func:`build_zero_shot_classifier`.
+        classifier: (d, C) or (d, C, T) from :func:`build_zero_shot_classifier`.
 
     Returns:
         ``acc1``, ``acc5`` (only with at least 5 classes), ``mean_per_class_recall`` (over the
@@ -140,7 +182,7 @@ def evaluate_zero_shot(image_features: torch.Tensor, labels: torch.Tensor, class
     """
     logits = image_features.float()  # (N, C) or (N, d)
     if classifier is not None:
-        logits = logits @ classifier.float().to(logits.device)  # (N, C)
+        logits = class_logits(logits, classifier)  # (N, C)
     labels = labels.to(logits.device).long()
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0] or logits.shape[0] == 0:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")

@@ -37,6 +37,7 @@ from ..eval.zeroshot import (
     embedded_labels,
     evaluate_zero_shot,
     load_task,
+    task_ensemble,
 )
 from ..models.components import encode_text
 from ..pipelines import DiffDisPipeline, make_scheduler
@@ -216,7 +217,8 @@ class TrainingEvaluator:
         )  # (N, d_e) on every process
         metrics = {}
         for task, (classnames, templates) in self.tasks.items():
-            weights = build_zero_shot_classifier(text_encoder, tokenizer, classnames, templates, device)  # (d_e, C)
+            weights = build_zero_shot_classifier(text_encoder, tokenizer, classnames, templates, device,
+                                                 ensemble=task_ensemble(task))  # (d_e, C) or (d_e, C, T)
             metrics[f"eval/zeroshot_{task}"] = float(evaluate_zero_shot(features, self.labels[task], weights)["acc1"])
         return metrics
 
