@@ -32,13 +32,6 @@ from diffdis.eval.reference import AttributeClassifier, augment, load_classifier
 QUICK = dict(resolution=16, seed=0, steps=200, batch_size=64, num_train=2000, num_threads=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: on a CPU shared with other jobs, 2 threads run these tiny ops 5-10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
@@ -17,12 +16,6 @@ SMALL = ["--fid-images", "12", "--adherence-per-combo", "1", "--zeroshot-samples
          "--steps", "2", "--zs-steps", "2", "--batch-size", "16", "--reference-steps", "20", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

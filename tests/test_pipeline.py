@@ -55,13 +55,6 @@ def run(pipe: DiffDisPipeline, prompts=PROMPTS, **kwargs) -> np.ndarray:
     return pipe(prompts, **kwargs).images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the pool spins (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,6 @@ ZEROSHOT = ["eval/zeroshot_shape", "eval/zeroshot_colour", "eval/zeroshot_colour
 UPSCALE = 4  # adherence_grid's default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the pool spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
