@@ -292,12 +292,13 @@ def train(cfg) -> Path:
             steps_run += 1
             progress.update(1)
             if not plan.planned:
-                # every process measures; the main process's plan is broadcast so all agree
+                # every process measures at the same steps; the main process's total is broadcast so all agree
+                previous = plan.total
                 message = plan.observe(steps_run, global_step, time.perf_counter() - start)
-                if plan.planned:
+                if message is not None:
                     total = torch.tensor([plan.total], device=accelerator.device)
                     plan.total = int(accelerate_broadcast(total).item())
-                    if plan.total != t.max_steps:
+                    if plan.total != previous:
                         rebuild_lr_schedule(lr_scheduler, t.lr_scheduler, t.lr_warmup_steps, plan.total, accelerator.num_processes)
                         progress.total = plan.total
                         progress.refresh()
