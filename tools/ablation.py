@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/ablation", help="output folder (default: outputs/ablation)")
     p.add_argument("--config", default=None, help="training config (default: configs/tiny.yaml)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="training seeds (default: 0 1 2)")
     p.add_argument("--lambda-ita", type=float, default=None, help="λ of the DiffDis arm (default: the config's)")
     p.add_argument("--eval-args", default="--quick --skip retrieval",
                    help="arguments for tools/evaluate.py (default: '--quick --skip retrieval')")
@@ -110,6 +110,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from diffdis.config import ConfigError, load_config
 
     args = build_parser().parse_args(argv)
+    # `--seeds 0 1 key=value` : the option swallows the overrides that follow it
+    args.overrides = [a for a in args.seeds if "=" in a] + list(args.overrides)
+    try:
+        args.seeds = [int(a) for a in args.seeds if "=" not in a]
+    except ValueError as err:
+        print(f"error: --seeds takes integers: {err}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, list(args.overrides))
     except ConfigError as err:
