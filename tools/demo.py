@@ -3,7 +3,7 @@
 
 ``make demo`` runs this. Everything runs offline on CPU, in about 16 minutes on 2 cores: training gets a
 12-minute budget (``--train-minutes``; on a slow CPU fewer than the configured 2600 steps fit, and the
-run is shortened to what fits with its LR schedule rescaled; every 1000 steps it logs prompt adherence,
+run is shortened to what fits with its LR schedule rescaled; every 400 steps it logs prompt adherence,
 zero-shot accuracy and a sample grid), then a sample grid, then
 ``tools/evaluate.py --quick``: FID, prompt adherence, zero-shot accuracy on every embedded task
 (next to chance) and retrieval, in one report.
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     if not args.skip_train:
         budget = [] if any(o.startswith("train.max_minutes=") for o in args.overrides) or not args.train_minutes else [
             f"train.max_minutes={args.train_minutes}"]
-        extra = [] if any(o.startswith("train.eval_every=") for o in args.overrides) else ["train.eval_every=1000"]
+        extra = [] if any(o.startswith("train.eval_every=") for o in args.overrides) else ["train.eval_every=400"]
         code = train_tool.main([f"train.output_dir={out}"] + budget + extra + list(args.overrides))
         if code:
             return code

@@ -32,11 +32,14 @@ class History:
     def series(self, key: str) -> List[tuple]:
         return [(r["step"], r[key]) for r in self.rows if key in r]
 
+    def keys(self) -> List[str]:
+        """Every metric name logged so far, sorted."""
+        return sorted({k for r in self.rows for k in r if k != "step"})
+
     def summary(self) -> Dict[str, Dict[str, Optional[float]]]:
         """First and last logged value of every metric."""
-        keys = sorted({k for r in self.rows for k in r if k != "step"})
         out = {}
-        for k in keys:
+        for k in self.keys():
             s = self.series(k)
             out[k] = {"first_step": s[0][0], "first": s[0][1], "last_step": s[-1][0], "last": s[-1][1]}
         return out
@@ -52,7 +55,17 @@ class History:
 
         panels = [("loss_ig", "L_IG (image generation)"), ("loss_ita", "L_ITA (image-text alignment)"), ("acc_i2t", "in-batch image->text accuracy")]
         panels = [(k, title) for k, title in panels if self.series(f"train/{k}") or self.series(f"val/{k}")]
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+        evals = [k for k in self.keys() if k.startswith("eval/") and k != "eval/seconds"]
+        fig, axes = plt.subplots(1, len(panels) + bool(evals), figsize=(5 * (len(panels) + bool(evals)), 3.6), squeeze=False)
+        if evals:  # evaluation during training (train.eval_every): adherence and zero-shot accuracy
+            ax = axes[0][-1]
+            for key in evals:
+                ax.plot(*zip(*self.series(key)), "o-", label=key[len("eval/"):], markersize=3)
+            ax.set_title("evaluation during training")
+            ax.set_xlabel("step")
+            ax.set_ylim(0, 1.02)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
         for ax, (key, title) in zip(axes[0], panels):
             for split, style in (("train", "-"), ("val", "o-")):
                 s = self.series(f"{split}/{key}")
