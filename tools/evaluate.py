@@ -130,9 +130,7 @@ def fid_reference(args, num: int, resolution: int) -> Tuple[List[str], torch.Ten
 def _extractor(args, classifier):
     from diffdis.eval.fid import inception_extractor, reference_extractor
 
-    if args.extractor == "inception":
-        if not args.inception_weights:
-            raise CliError("--extractor inception needs --inception-weights FILE (nothing can be downloaded)")
+    if args.extractor == "inception":  # main() has checked that --inception-weights names a file
         try:
             return inception_extractor(args.inception_weights)
         except (FileNotFoundError, ModuleNotFoundError) as err:

@@ -32,13 +32,18 @@ class SamplingSettings:
     batch_size: int = 64
 
 
-def _shard(n: int, accelerator) -> range:
-    """The contiguous block of ``range(n)`` this process handles (all of it without an accelerator)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return range(n)
-    per = -(-n // accelerator.num_processes)
-    start = min(n, accelerator.process_index * per)
+def shard_range(n: int, rank: int, world: int) -> range:
+    """The contiguous block of ``range(n)`` that process ``rank`` of ``world`` handles (blocks in rank order)."""
+    per = -(-n // world)
+    start = min(n, rank * per)
     return range(start, min(n, start + per))
+
+
+def _shard(n: int, accelerator) -> range:
+    """This process's block of ``range(n)`` (all of it without an accelerator)."""
+    if accelerator is None:
+        return range(n)
+    return shard_range(n, accelerator.process_index, accelerator.num_processes)
 
 
 def _gather(images: torch.Tensor, accelerator) -> torch.Tensor:

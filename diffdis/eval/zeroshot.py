@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..pipelines.bench import _timed
+from .suite import shard_range
 from ..models.components import encode_text
 from ..pipelines.zeroshot import TextQuerySampler, tokenize
 
@@ -285,8 +286,7 @@ def compute_image_features(
     if num_items == 0:
         raise ValueError("the dataset is empty")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    per = -(-num_items // world)
-    mine = list(range(rank * per, min(num_items, (rank + 1) * per)))
+    mine = list(shard_range(num_items, rank, world))
     feats = []
     for start in tqdm(range(0, len(mine), batch_size), disable=not progress or rank != 0, desc="images"):
         idx = mine[start : start + batch_size]
