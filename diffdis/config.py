@@ -37,6 +37,8 @@ class UNetConfig:
     attention_head_dim: int = 4  # number of heads, in diffusers' (SD-1.x) naming
     norm_num_groups: int = 16
     transformer_layers_per_block: int = 1
+    addition_embed_type: Optional[str] = None  # "text": the attention-pooled caption is added to the time embedding of every ResNet (a stock diffusers option)
+    addition_embed_type_num_heads: int = 64  # heads of that attention pooling (must divide the text encoder's hidden_size)
 
 
 @dataclass
@@ -92,6 +94,10 @@ class LossConfig:
     p_uncond_text: float = 0.1  # caption dropout in the generation pass
     logit_scale_init: float = 14.285714  # 1/0.07
     logit_scale_max: float = 100.0
+    timestep_sampling: str = "uniform"  # image-stream t: "uniform" or "logit_normal" (t/T = sigmoid(N(timestep_mean, timestep_std)), SD3)
+    timestep_mean: float = 0.0  # logit_normal only: > 0 trains noisier timesteps more often
+    timestep_std: float = 1.0  # logit_normal only
+    ita_fraction: float = 1.0  # share of each batch that also takes the discrimination pass (its cost is ~35% of a step)
 
 
 @dataclass
@@ -179,6 +185,8 @@ _CHOICES = {
     "model.fusion": ("joint", "one_way"),
     "model.text_prediction_type": ("sample", "epsilon"),
     "noise.prediction_type": ("epsilon", "v_prediction"),
+    "loss.timestep_sampling": ("uniform", "logit_normal"),
+    "model.unet.addition_embed_type": (None, "text"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "wandb", "all", "none"),
 }
@@ -211,6 +219,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.max_steps and train.batch_size must be at least 1")
     if not 0.0 < cfg.loss.text_scale <= 1.0:
         raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be in (0, 1]")
+    if not 0.0 < cfg.loss.ita_fraction <= 1.0 or cfg.loss.timestep_std <= 0:
+        raise ConfigError("loss.ita_fraction must be in (0, 1] and loss.timestep_std > 0")
     _validate_evaluation(cfg)
 
 

@@ -15,7 +15,7 @@ from diffdis.models.components import (
 )
 
 
-def tiny_unet(seed=0):
+def tiny_unet(seed=0, **extra):
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8,
@@ -28,6 +28,7 @@ def tiny_unet(seed=0):
         attention_head_dim=2,
         norm_num_groups=8,
         cross_attention_dim=24,
+        **extra,
     )
 
 
@@ -115,6 +116,29 @@ def test_save_load_and_export(tmp_path, inputs):
     vanilla = UNet2DConditionModel.from_pretrained(tmp_path / "u")
     ref = model(inputs["x"], inputs["t"], inputs["c"]).sample
     assert torch.equal(vanilla(inputs["x"], inputs["t"], inputs["c"]).sample, ref)
+
+
+def test_text_addition_embedding_in_both_streams(tmp_path, inputs):
+    """addition_embed_type="text" (the pooled caption added to the time embedding) stays a stock diffusers
+    UNet for generation and export, and the text stream adds it too (trained through it)."""
+    unet = tiny_unet(addition_embed_type="text", addition_embed_type_num_heads=4)
+    model = DualStreamUNet.from_unet(unet, text_dim=12)
+    x, t, c = inputs["x"], inputs["t"], inputs["c"]
+    ref = model(x, t, c).sample
+    assert torch.equal(ref, unet(x, t, c).sample)
+    with torch.no_grad():  # the pooled caption reaches every ResNet: a zero-initialised path would hide it
+        unet.add_embedding.proj.weight.normal_()
+        model.unet.add_embedding.proj.weight.copy_(unet.add_embedding.proj.weight)
+    changed = model(x, t, c).sample
+    assert not torch.allclose(changed, ref)
+    out = model.forward_text(inputs["e"], inputs["te"], x, c)
+    assert out.shape == (3, 12)
+    out.sum().backward()
+    assert model.unet.add_embedding.proj.weight.grad.abs().sum() > 0
+    model.to_unet2d().save_pretrained(tmp_path / "u")
+    vanilla = UNet2DConditionModel.from_pretrained(tmp_path / "u")
+    assert vanilla.config.addition_embed_type == "text"
+    assert torch.equal(vanilla(x, t, c).sample, changed)
 
 
 def test_tokenizer_and_text_query(tmp_path):

@@ -165,4 +165,6 @@ def build_unet(cfg, cross_attention_dim: int) -> UNet2DConditionModel:
         norm_num_groups=cfg.norm_num_groups,
         transformer_layers_per_block=cfg.transformer_layers_per_block,
         cross_attention_dim=cross_attention_dim,
+        addition_embed_type=cfg.addition_embed_type,
+        addition_embed_type_num_heads=cfg.addition_embed_type_num_heads,
     )

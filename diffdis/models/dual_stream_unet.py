@@ -177,10 +177,15 @@ class DualStreamUNet(ModelMixin, ConfigMixin):
     def _run_encoder(self, image_sample: torch.Tensor, image_timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """conv_in, time embedding, down blocks and mid block of the UNet -> mid features (B, C, h, w)."""
         unet = self.unet
-        if unet.class_embedding is not None or unet.config.addition_embed_type is not None:
-            raise ValueError("the discrimination stream supports UNets without class/addition embeddings (SD-1.x/2.x)")
+        if unet.class_embedding is not None or unet.config.addition_embed_type not in (None, "text"):
+            raise ValueError(
+                "the discrimination stream supports UNets without class embeddings and with addition_embed_type None or 'text'"
+            )
         t_emb = unet.get_time_embed(sample=image_sample, timestep=image_timestep)
         emb = unet.time_embedding(t_emb)  # (B, T)
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        if aug is not None:  # "text": the pooled context (the empty prompt here), as the generation pass adds it
+            emb = emb + aug  # (B, T)
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states, None)

@@ -26,6 +26,10 @@ class StepOptions:
     p_uncond: float = 0.1
     p_uncond_text: float = 0.1
     logit_scale_max: float = 100.0
+    timestep_sampling: str = "uniform"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
+    ita_fraction: float = 1.0
 
     @classmethod
     def from_config(cls, loss_cfg) -> "StepOptions":
@@ -42,6 +46,14 @@ def _randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tenso
 
 def _randint(high: int, n: int, generator: torch.Generator, device) -> torch.Tensor:
     return torch.randint(0, high, (n,), generator=generator, device=generator.device).to(device)
+
+
+def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, options: StepOptions) -> torch.Tensor:
+    """Image-stream timesteps (n,): uniform, or logit-normal in t/T (SD3's density; mean > 0 favours noise)."""
+    if options.timestep_sampling == "uniform":
+        return _randint(num_t, n, generator, device)
+    z = torch.randn((n,), generator=generator, device=generator.device) * options.timestep_std + options.timestep_mean
+    return (torch.sigmoid(z) * num_t).long().clamp(max=num_t - 1).to(device)
 
 
 class DiffDisModule(nn.Module):
@@ -82,7 +94,7 @@ class DiffDisModule(nn.Module):
         noise = _randn(latents.shape, generator, latents)
         if opt.noise_offset:
             noise = noise + opt.noise_offset * _randn((b, latents.shape[1], 1, 1), generator, latents)
-        t = _randint(num_t, b, generator, latents.device)
+        t = sample_timesteps(b, num_t, generator, latents.device, opt)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)  # (B, C, H, W)
         pred_type = self.noise_scheduler.config.prediction_type
         target = self.noise_scheduler.get_velocity(latents, noise, t) if pred_type == "v_prediction" else noise
@@ -92,6 +104,9 @@ class DiffDisModule(nn.Module):
             return total_loss(loss_ig, None, 0.0)
 
         # discrimination stream: denoise the text query conditioned on the clean image, L_ITA
+        k = b if opt.ita_fraction >= 1 else max(2, round(b * opt.ita_fraction))  # the batch's first k pairs
+        latents, query, t = latents[:k], query[:k], t[:k]
+        b = k
         t_e = _randint(num_t, b, generator, latents.device)
         e_t = text_forward(query.detach(), _randn(query.shape, generator, query), t_e, self.alphas_cumprod, opt.text_scale)
         uncond = _rand((b,), generator, latents) < opt.p_uncond  # image-condition dropout

@@ -1,0 +1,72 @@
+"""DiffDisModule's step options: timestep sampling and the share of the batch in the discrimination pass."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffdis.config import ConfigError, load_config
+from diffdis.models import DualStreamUNet
+from diffdis.train.module import DiffDisModule, StepOptions, sample_timesteps
+from helpers_tiny import tiny_text_encoder, tiny_tokenizer, tiny_unet
+
+
+def _times(**options):
+    g = torch.Generator().manual_seed(0)
+    return sample_timesteps(20000, 1000, g, "cpu", StepOptions(**options))
+
+
+def test_uniform_timesteps_cover_the_range():
+    t = _times()
+    assert t.min() == 0 and t.max() == 999
+    assert abs(t.float().mean().item() - 499.5) < 10
+
+
+def test_logit_normal_timesteps_follow_their_mean():
+    centred = _times(timestep_sampling="logit_normal")
+    noisy = _times(timestep_sampling="logit_normal", timestep_mean=1.0)
+    assert 0 <= int(centred.min()) and int(noisy.max()) <= 999
+    assert abs(centred.float().mean().item() - 500) < 10
+    assert centred.float().std() < _times().float().std()  # concentrated in the middle
+    # sigmoid(N(1, 1)) has median sigmoid(1) = 0.731
+    assert abs(noisy.float().median().item() - 731) < 10
+    same = _times(timestep_sampling="logit_normal", timestep_mean=1.0)
+    assert torch.equal(noisy, same)
+
+
+def _module(**options):
+    tok = tiny_tokenizer()
+    text = tiny_text_encoder(tok, with_projection=True)
+    unet = DualStreamUNet.from_unet(tiny_unet(), text_dim=text.config.projection_dim)
+    return DiffDisModule(unet, text, DDPMScheduler(num_train_timesteps=1000), StepOptions(**options)), tok
+
+
+@pytest.mark.parametrize("fraction, expected", [(1.0, 8), (0.5, 4), (0.01, 2)])
+def test_ita_fraction_sets_the_discrimination_batch(fraction, expected):
+    module, tok = _module(ita_fraction=fraction)
+    seen = []
+    original = module.unet.forward_text
+
+    def spy(e_t, *args, **kwargs):
+        seen.append(e_t.shape[0])
+        return original(e_t, *args, **kwargs)
+
+    module.unet.forward_text = spy
+    ids = tok(["a red circle"] * 8, padding="max_length", return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", return_tensors="pt").input_ids
+    out = module(torch.randn(8, 3, 8, 8), ids, empty, torch.Generator().manual_seed(0))
+    assert seen == [expected]
+    assert torch.isfinite(out["loss"]) and "loss_ita" in out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.ita_fraction=0", "ita_fraction"),
+        ("loss.ita_fraction=1.5", "ita_fraction"),
+        ("loss.timestep_sampling=normal", "timestep_sampling"),
+        ("model.unet.addition_embed_type=image", "addition_embed_type"),
+    ],
+)
+def test_step_option_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
