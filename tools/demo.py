@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The main job on the embedded default: train the tiny DiffDis model, sample a grid, evaluate it.
 
-``make demo`` runs this. Everything runs offline on CPU, in about 16 minutes on 2 cores: training gets a
-12-minute budget (``--train-minutes``; on a slow CPU fewer than the configured 2600 steps fit, and the
+``make demo`` runs this. Everything runs offline on CPU, in about 18 minutes on 2 cores: training gets a
+14-minute budget (``--train-minutes``; on a slow CPU fewer than the configured 2600 steps fit, and the
 run is shortened to what fits with its LR schedule rescaled; every 400 steps it logs prompt adherence,
 zero-shot accuracy and a sample grid), then a sample grid, then
 ``tools/evaluate.py --quick``: FID, prompt adherence, zero-shot accuracy on every embedded task
@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="outputs/tiny", help="output folder (default: outputs/tiny)")
     parser.add_argument("--skip-train", action="store_true", help="reuse <out>/model from an earlier run")
-    parser.add_argument("--train-minutes", type=float, default=12.0,
-                        help="wall-clock budget of the training loop (default: 12; 0: no budget, all max_steps)")
+    parser.add_argument("--train-minutes", type=float, default=14.0,
+                        help="wall-clock budget of the training loop (default: 14; 0: no budget, all max_steps)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the training config")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
             return code
     trained = time.perf_counter()
     model = out / "model"
-    argv_sample = [str(model), "--out", str(out / "samples"), "--steps", "25", "--guidance", "3.0", "--seed", "0", "1"]
+    argv_sample = [str(model), "--out", str(out / "samples"), "--steps", "25", "--guidance", "5.0", "--seed", "0", "1"]
     for p in PROMPTS:
         argv_sample += ["--prompt", p]
     code = sample_tool.main(argv_sample)
