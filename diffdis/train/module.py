@@ -60,8 +60,9 @@ class DiffDisModule(nn.Module):
     """The trainable modules and the DiffDis objective.
 
     ``forward(latents, input_ids, empty_ids, generator, gather=True)`` runs the generation pass (L_IG) and, when
-    ``lambda_ita > 0``, the discrimination pass (L_ITA) on the same batch, and returns a dict of
-    named losses with the total under ``"loss"``. All randomness comes from ``generator`` so that a
+    ``lambda_ita > 0``, the discrimination pass (L_ITA) on the same batch (its first ``ita_fraction``
+    share), and returns a dict of named losses with the total under ``"loss"``. Image-stream timesteps
+    come from :func:`sample_timesteps`. All randomness comes from ``generator`` so that a
     checkpoint that saves its state resumes exactly. ``gather=False`` contrasts within the local
     batch only (for evaluation passes that not every process takes part in).
     """
