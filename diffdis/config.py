@@ -219,8 +219,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.max_steps and train.batch_size must be at least 1")
     if not 0.0 < cfg.loss.text_scale <= 1.0:
         raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be in (0, 1]")
-    if not 0.0 < cfg.loss.ita_fraction <= 1.0 or cfg.loss.timestep_std <= 0:
-        raise ConfigError("loss.ita_fraction must be in (0, 1] and loss.timestep_std > 0")
+    if not 0.0 < cfg.loss.ita_fraction <= 1.0:
+        raise ConfigError(f"loss.ita_fraction={cfg.loss.ita_fraction} must be in (0, 1]")
+    if cfg.loss.timestep_std <= 0:
+        raise ConfigError(f"loss.timestep_std={cfg.loss.timestep_std} must be > 0")
+    u = cfg.model.unet
+    if u.addition_embed_type and cfg.model.text_encoder.hidden_size % u.addition_embed_type_num_heads:
+        raise ConfigError(
+            f"model.unet.addition_embed_type_num_heads={u.addition_embed_type_num_heads} must divide"
+            f" model.text_encoder.hidden_size={cfg.model.text_encoder.hidden_size}"
+        )
     _validate_evaluation(cfg)
 
 

@@ -64,9 +64,11 @@ def test_ita_fraction_sets_the_discrimination_batch(fraction, expected):
         ("loss.ita_fraction=0", "ita_fraction"),
         ("loss.ita_fraction=1.5", "ita_fraction"),
         ("loss.timestep_sampling=normal", "timestep_sampling"),
+        ("loss.timestep_std=0", "timestep_std"),
+        ("model.unet.addition_embed_type=text model.unet.addition_embed_type_num_heads=48", "must divide"),
         ("model.unet.addition_embed_type=image", "addition_embed_type"),
     ],
 )
 def test_step_option_errors(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=[override])
+        load_config(overrides=override.split())

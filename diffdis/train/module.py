@@ -105,9 +105,8 @@ class DiffDisModule(nn.Module):
             return total_loss(loss_ig, None, 0.0)
 
         # discrimination stream: denoise the text query conditioned on the clean image, L_ITA
-        k = b if opt.ita_fraction >= 1 else max(2, round(b * opt.ita_fraction))  # the batch's first k pairs
-        latents, query, t = latents[:k], query[:k], t[:k]
-        b = k
+        b = min(b, max(2, round(b * opt.ita_fraction)))  # the batch's first b pairs
+        latents, query, t = latents[:b], query[:b], t[:b]
         t_e = _randint(num_t, b, generator, latents.device)
         e_t = text_forward(query.detach(), _randn(query.shape, generator, query), t_e, self.alphas_cumprod, opt.text_scale)
         uncond = _rand((b,), generator, latents) < opt.p_uncond  # image-condition dropout
