@@ -58,11 +58,34 @@ def test_ita_fraction_sets_the_discrimination_batch(fraction, expected):
     assert torch.isfinite(out["loss"]) and "loss_ita" in out
 
 
+def test_ita_every_skips_the_discrimination_pass_between_its_steps():
+    module, tok = _module(ita_every=3)
+    calls = []
+    original = module.unet.forward_text
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    module.unet.forward_text = spy
+    ids = tok(["a red circle"] * 4, padding="max_length", return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", return_tensors="pt").input_ids
+    keys = []
+    for step in (0, 1, 2, 3, None):
+        out = module(torch.randn(4, 3, 8, 8), ids, empty, torch.Generator().manual_seed(0), step=step)
+        keys.append("loss_ita" in out)
+        if "loss_ita" not in out:  # generation only: the total is L_IG
+            assert torch.equal(out["loss"], out["loss_ig"])
+    assert keys == [True, False, False, True, True]
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ("loss.ita_fraction=0", "ita_fraction"),
         ("loss.ita_fraction=1.5", "ita_fraction"),
+        ("loss.ita_every=0", "ita_every"),
         ("loss.timestep_sampling=normal", "timestep_sampling"),
         ("loss.timestep_std=0", "timestep_std"),
         ("model.unet.addition_embed_type=text model.unet.addition_embed_type_num_heads=48", "must divide"),

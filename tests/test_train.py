@@ -102,12 +102,17 @@ def test_resume_is_exact(tmp_path, tiny_overrides):
 
 
 def test_two_processes_keep_replicas_identical(tmp_path, tiny_overrides):
+    # loss.ita_every=2: step 1 leaves the text stream without gradients; DDP must carry on into step 2
     out = tmp_path / "ddp"
-    accelerate(tiny_overrides + [f"train.output_dir={out}", "train.max_steps=2", "train.checkpointing_steps=0"], num_processes=2)
+    accelerate(tiny_overrides + [f"train.output_dir={out}", "train.max_steps=3", "train.checkpointing_steps=0", "loss.ita_every=2",
+                                 "train.log_every=1"], num_processes=2)
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["num_processes"] == 2
+    assert summary["num_processes"] == 2 and summary["global_step"] == 3
     sums = summary["replica_param_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
+    rows = [json.loads(l) for l in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "train/loss_ig" in r]
+    assert len(logged) == 3 and all("train/loss_ita" in r for r in logged)  # the step without L_ITA logs the last one
 
 
 @pytest.mark.parametrize(

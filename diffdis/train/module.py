@@ -30,6 +30,7 @@ class StepOptions:
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
     ita_fraction: float = 1.0
+    ita_every: int = 1
 
     @classmethod
     def from_config(cls, loss_cfg) -> "StepOptions":
@@ -59,9 +60,10 @@ def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, opt
 class DiffDisModule(nn.Module):
     """The trainable modules and the DiffDis objective.
 
-    ``forward(latents, input_ids, empty_ids, generator, gather=True)`` runs the generation pass (L_IG) and, when
-    ``lambda_ita > 0``, the discrimination pass (L_ITA) on the same batch (its first ``ita_fraction``
-    share), and returns a dict of named losses with the total under ``"loss"``. Image-stream timesteps
+    ``forward(latents, input_ids, empty_ids, generator, gather=True, step=None)`` runs the generation pass (L_IG)
+    and, when ``lambda_ita > 0``, the discrimination pass (L_ITA) on the same batch (its first ``ita_fraction``
+    share; with ``ita_every=k``, only when ``step`` is a multiple of k, ``None`` meaning always), and returns a
+    dict of named losses with the total under ``"loss"``. Image-stream timesteps
     come from :func:`sample_timesteps`. All randomness comes from ``generator`` so that a
     checkpoint that saves its state resumes exactly. ``gather=False`` contrasts within the local
     batch only (for evaluation passes that not every process takes part in).
@@ -82,6 +84,7 @@ class DiffDisModule(nn.Module):
         empty_ids: torch.Tensor,
         generator: torch.Generator,
         gather: bool = True,
+        step: Optional[int] = None,
     ) -> Dict[str, torch.Tensor]:
         opt = self.options
         b = latents.shape[0]
@@ -101,7 +104,7 @@ class DiffDisModule(nn.Module):
         target = self.noise_scheduler.get_velocity(latents, noise, t) if pred_type == "v_prediction" else noise
         pred = self.unet(noisy, t, ctx_gen).sample  # (B, C, H, W)
         loss_ig = image_generation_loss(pred, target, t, self.alphas_cumprod, pred_type, opt.min_snr_gamma)
-        if opt.lambda_ita <= 0:
+        if opt.lambda_ita <= 0 or (step is not None and step % opt.ita_every):
             return total_loss(loss_ig, None, 0.0)
 
         # discrimination stream: denoise the text query conditioned on the clean image, L_ITA

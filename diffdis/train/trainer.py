@@ -36,7 +36,8 @@ logger = get_logger("diffdis.train")
 def make_accelerator(cfg) -> Accelerator:
     """An Accelerator that really uses gloo across CPU processes when CUDA is absent."""
     t = cfg.train
-    unused = cfg.loss.lambda_ita <= 0 or not cfg.model.train_text_encoder
+    # parameters without a gradient in some steps: the text stream (generation-only steps) or the frozen text encoder
+    unused = cfg.loss.lambda_ita <= 0 or cfg.loss.ita_every > 1 or not cfg.model.train_text_encoder
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
@@ -267,6 +268,7 @@ def train(cfg) -> Path:
     skip = (global_step % steps_per_epoch) * t.gradient_accumulation_steps if steps_per_epoch else global_step * t.gradient_accumulation_steps
     tic, tic_step = time.perf_counter(), global_step
     start, out_of_time, steps_run = time.perf_counter(), False, 0
+    latest: Dict[str, torch.Tensor] = {}
     while global_step < plan.total and not out_of_time:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -279,8 +281,9 @@ def train(cfg) -> Path:
                 latents = _to_latents(components.vae, batch["pixel_values"], generator)
                 captions = choose_captions(batch["caption_options"], generator)
                 input_ids = tokenize(components.tokenizer, captions).to(accelerator.device)
-                losses = module(latents, input_ids, empty_ids, generator)
+                losses = module(latents, input_ids, empty_ids, generator, step=global_step)
                 accelerator.backward(losses["loss"])
+                latest = _latest_losses(latest, losses, cfg.loss.lambda_ita)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm)
                 optimizer.step()
@@ -307,7 +310,7 @@ def train(cfg) -> Path:
                 ema.step(accelerator.unwrap_model(module).parameters())
             if global_step % t.log_every == 0 or global_step == plan.total:
                 elapsed = time.perf_counter() - tic
-                logs = {f"train/{k}": accelerator.reduce(v.detach().float(), reduction="mean").item() for k, v in losses.items()}
+                logs = {f"train/{k}": accelerator.reduce(v.float(), reduction="mean").item() for k, v in latest.items()}
                 logs["train/lr"] = lr_scheduler.get_last_lr()[0]
                 logs["train/steps_per_s"] = (global_step - tic_step) / max(elapsed, 1e-9)
                 logs["train/images_per_s"] = logs["train/steps_per_s"] * t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps
@@ -354,6 +357,14 @@ def train(cfg) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return model_dir
+
+
+def _latest_losses(latest: Dict[str, torch.Tensor], losses: Dict[str, torch.Tensor], lambda_ita: float) -> Dict[str, torch.Tensor]:
+    """The latest value of every loss term (steps without the discrimination pass keep the last L_ITA), total recomputed."""
+    latest = {**latest, **{k: v.detach() for k, v in losses.items()}}
+    if "loss_ita" in latest and "loss_ita" not in losses:
+        latest["loss"] = latest["loss_ig"] + lambda_ita * latest["loss_ita"]
+    return latest
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
