@@ -98,6 +98,7 @@ class LossConfig:
     timestep_mean: float = 0.0  # logit_normal only: > 0 trains noisier timesteps more often
     timestep_std: float = 1.0  # logit_normal only
     ita_fraction: float = 1.0  # share of each batch that also takes the discrimination pass (its cost is ~35% of a step)
+    ig_fraction: float = 1.0  # share of each batch that takes the generation pass (the discrimination pass sees its own share)
     ita_every: int = 1  # the discrimination pass runs on every k-th step only (whole batch); the others train L_IG alone
 
 
@@ -222,6 +223,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be in (0, 1]")
     if not 0.0 < cfg.loss.ita_fraction <= 1.0:
         raise ConfigError(f"loss.ita_fraction={cfg.loss.ita_fraction} must be in (0, 1]")
+    if not 0.0 < cfg.loss.ig_fraction <= 1.0:
+        raise ConfigError(f"loss.ig_fraction={cfg.loss.ig_fraction} must be in (0, 1]")
     if cfg.loss.ita_every < 1:
         raise ConfigError(f"loss.ita_every={cfg.loss.ita_every} must be at least 1")
     if cfg.loss.timestep_std <= 0:

@@ -58,6 +58,28 @@ def test_ita_fraction_sets_the_discrimination_batch(fraction, expected):
     assert torch.isfinite(out["loss"]) and "loss_ita" in out
 
 
+@pytest.mark.parametrize("ig, ita, expected", [(1.0, 1.0, (8, 8)), (0.5, 1.0, (4, 8)), (0.25, 0.5, (2, 4))])
+def test_ig_fraction_sets_the_generation_batch(ig, ita, expected):
+    module, tok = _module(ig_fraction=ig, ita_fraction=ita)
+    seen = {}
+    unet_forward, text_forward = module.unet.forward, module.unet.forward_text
+
+    def spy_gen(sample, *args, **kwargs):
+        seen["gen"] = sample.shape[0]
+        return unet_forward(sample, *args, **kwargs)
+
+    def spy_text(e_t, *args, **kwargs):
+        seen["ita"] = e_t.shape[0]
+        return text_forward(e_t, *args, **kwargs)
+
+    module.unet.forward, module.unet.forward_text = spy_gen, spy_text
+    ids = tok(["a red circle"] * 8, padding="max_length", return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", return_tensors="pt").input_ids
+    out = module(torch.randn(8, 3, 8, 8), ids, empty, torch.Generator().manual_seed(0))
+    assert (seen["gen"], seen["ita"]) == expected
+    assert torch.isfinite(out["loss"]) and "loss_ita" in out
+
+
 def test_ita_every_skips_the_discrimination_pass_between_its_steps():
     module, tok = _module(ita_every=3)
     calls = []
@@ -86,6 +108,7 @@ def test_ita_every_skips_the_discrimination_pass_between_its_steps():
         ("loss.ita_fraction=0", "ita_fraction"),
         ("loss.ita_fraction=1.5", "ita_fraction"),
         ("loss.ita_every=0", "ita_every"),
+        ("loss.ig_fraction=0", "ig_fraction"),
         ("loss.timestep_sampling=normal", "timestep_sampling"),
         ("loss.timestep_std=0", "timestep_std"),
         ("model.unet.addition_embed_type=text model.unet.addition_embed_type_num_heads=48", "must divide"),

@@ -12,6 +12,9 @@ zero-shot accuracy and a sample grid), then a sample grid, then
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,12 +29,52 @@ PROMPTS = [
 ]
 
 
+def default_processes() -> int:
+    """Two single-thread CPU processes train faster than one process with two threads; one on CUDA or one core."""
+    import torch
+
+    return 1 if torch.cuda.is_available() or (os.cpu_count() or 1) < 2 else 2
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def train_processes(overrides: list, processes: int) -> int:
+    """Run tools/train.py under ``accelerate launch`` with the batch split across ``processes`` CPU processes.
+
+    The config's ``train.batch_size`` is per process, so the global batch stays what the config says:
+    it must divide by ``processes``. Each process gets an equal share of the cores.
+    """
+    from diffdis.config import ConfigError, load_config
+
+    try:
+        batch = load_config(None, overrides).train.batch_size
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if batch % processes:
+        print(f"error: train.batch_size={batch} does not divide across --processes {processes}", file=sys.stderr)
+        return 2
+    threads = max(1, (os.cpu_count() or processes) // processes)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port()]
+    print(f"training in {processes} processes x {threads} thread(s), {batch // processes} images each per step (global batch {batch})")
+    command = launcher + [str(ROOT / "tools" / "train.py")] + overrides + [f"train.batch_size={batch // processes}"]
+    return subprocess.run(command, env=env).returncode
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="outputs/tiny", help="output folder (default: outputs/tiny)")
     parser.add_argument("--skip-train", action="store_true", help="reuse <out>/model from an earlier run")
     parser.add_argument("--train-minutes", type=float, default=14.0,
                         help="wall-clock budget of the training loop (default: 14; 0: no budget, all max_steps)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="CPU training processes sharing the batch (default: 2 on a CPU with 2+ cores, else 1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the training config")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -45,7 +88,11 @@ def main(argv=None) -> int:
         budget = [] if any(o.startswith("train.max_minutes=") for o in args.overrides) or not args.train_minutes else [
             f"train.max_minutes={args.train_minutes}"]
         extra = [] if any(o.startswith("train.eval_every=") for o in args.overrides) else ["train.eval_every=400"]
-        code = train_tool.main([f"train.output_dir={out}"] + budget + extra + list(args.overrides))
+        overrides = [f"train.output_dir={out}"] + budget + extra + list(args.overrides)
+        processes = default_processes() if args.processes is None else args.processes
+        if processes < 1:
+            parser.error("--processes must be at least 1")
+        code = train_processes(overrides, processes) if processes > 1 else train_tool.main(overrides)
         if code:
             return code
     trained = time.perf_counter()

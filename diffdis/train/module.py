@@ -31,6 +31,7 @@ class StepOptions:
     timestep_std: float = 1.0
     ita_fraction: float = 1.0
     ita_every: int = 1
+    ig_fraction: float = 1.0
 
     @classmethod
     def from_config(cls, loss_cfg) -> "StepOptions":
@@ -49,6 +50,11 @@ def _randint(high: int, n: int, generator: torch.Generator, device) -> torch.Ten
     return torch.randint(0, high, (n,), generator=generator, device=generator.device).to(device)
 
 
+def _share(n: int, fraction: float) -> int:
+    """How many of a batch of ``n`` a pass with ``fraction`` of it takes (at least 2, for the contrastive loss)."""
+    return min(n, max(2, round(n * fraction)))
+
+
 def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, options: StepOptions) -> torch.Tensor:
     """Image-stream timesteps (n,): uniform, or logit-normal in t/T (SD3's density; mean > 0 favours noise)."""
     if options.timestep_sampling == "uniform":
@@ -60,8 +66,8 @@ def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, opt
 class DiffDisModule(nn.Module):
     """The trainable modules and the DiffDis objective.
 
-    ``forward(latents, input_ids, empty_ids, generator, gather=True, step=None)`` runs the generation pass (L_IG)
-    and, when ``lambda_ita > 0``, the discrimination pass (L_ITA) on the same batch (its first ``ita_fraction``
+    ``forward(latents, input_ids, empty_ids, generator, gather=True, step=None)`` runs the generation pass (L_IG,
+    on the batch's first ``ig_fraction`` share) and, when ``lambda_ita > 0``, the discrimination pass (L_ITA) on the same batch (its first ``ita_fraction``
     share; with ``ita_every=k``, only when ``step`` is a multiple of k, ``None`` meaning always), and returns a
     dict of named losses with the total under ``"loss"``. Image-stream timesteps
     come from :func:`sample_timesteps`. All randomness comes from ``generator`` so that a
@@ -87,34 +93,36 @@ class DiffDisModule(nn.Module):
         step: Optional[int] = None,
     ) -> Dict[str, torch.Tensor]:
         opt = self.options
-        b = latents.shape[0]
+        full = latents.shape[0]
         num_t = self.noise_scheduler.config.num_train_timesteps
         ctx_all, query_all = encode_text(self.text_encoder, torch.cat([input_ids, empty_ids]))
-        ctx, query, ctx_empty = ctx_all[:b], query_all[:b], ctx_all[b:]  # (B, L, d), (B, d_e), (1, L, d)
+        ctx, query, ctx_empty = ctx_all[:full], query_all[:full], ctx_all[full:]  # (B, L, d), (B, d_e), (1, L, d)
 
-        # generation stream: L_IG, with caption dropout for classifier-free guidance
+        # generation stream (on the batch's first ig_fraction share): L_IG, with caption dropout for guidance
+        b = _share(full, opt.ig_fraction)
+        x0 = latents[:b]
         drop = _rand((b,), generator, latents) < opt.p_uncond_text
-        ctx_gen = torch.where(drop[:, None, None], ctx_empty.expand_as(ctx), ctx)
-        noise = _randn(latents.shape, generator, latents)
+        ctx_gen = torch.where(drop[:, None, None], ctx_empty.expand(b, -1, -1), ctx[:b])
+        noise = _randn(x0.shape, generator, latents)
         if opt.noise_offset:
             noise = noise + opt.noise_offset * _randn((b, latents.shape[1], 1, 1), generator, latents)
         t = sample_timesteps(b, num_t, generator, latents.device, opt)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)  # (B, C, H, W)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)  # (B, C, H, W)
         pred_type = self.noise_scheduler.config.prediction_type
-        target = self.noise_scheduler.get_velocity(latents, noise, t) if pred_type == "v_prediction" else noise
+        target = self.noise_scheduler.get_velocity(x0, noise, t) if pred_type == "v_prediction" else noise
         pred = self.unet(noisy, t, ctx_gen).sample  # (B, C, H, W)
         loss_ig = image_generation_loss(pred, target, t, self.alphas_cumprod, pred_type, opt.min_snr_gamma)
         if opt.lambda_ita <= 0 or (step is not None and step % opt.ita_every):
             return total_loss(loss_ig, None, 0.0)
 
         # discrimination stream: denoise the text query conditioned on the clean image, L_ITA
-        b = min(b, max(2, round(b * opt.ita_fraction)))  # the batch's first b pairs
-        latents, query, t = latents[:b], query[:b], t[:b]
+        b = _share(full, opt.ita_fraction)  # the batch's first b pairs
+        latents, query = latents[:b], query[:b]
         t_e = _randint(num_t, b, generator, latents.device)
         e_t = text_forward(query.detach(), _randn(query.shape, generator, query), t_e, self.alphas_cumprod, opt.text_scale)
         uncond = _rand((b,), generator, latents) < opt.p_uncond  # image-condition dropout
         image = torch.where(uncond[:, None, None, None], _randn(latents.shape, generator, latents), latents)
-        t_img = torch.where(uncond, torch.full_like(t, num_t - 1), torch.zeros_like(t))
+        t_img = torch.where(uncond, torch.full_like(t_e, num_t - 1), torch.zeros_like(t_e))
         pred_e = self.unet.forward_text(e_t, t_e, image, ctx_empty.expand(b, -1, -1), t_img)  # (B, d_e)
         if self.unet.config.text_prediction_type == "epsilon":
             pred_e = text_x0_from_eps(e_t, pred_e, t_e, self.alphas_cumprod, opt.text_scale)
