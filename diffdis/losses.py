@@ -41,32 +41,37 @@ def contrastive_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    rank: int = 0,
 ) -> Dict[str, torch.Tensor]:
     """L_ITA: symmetric InfoNCE between image-side and text-side features (normalised here).
 
     Args:
         image_features: (B, d) denoised text queries of the images. text_features: (B, d) clean text queries.
         logit_scale: the scale itself (already exponentiated and clamped), scalar.
-        gather: optional all-gather with gradient for the local slice (open_clip style); the local
-            batch is then contrasted against every process's batch.
-        rank: this process's index, to locate its labels in the gathered batch.
+        gather: optional all-gather that keeps the gradient of the local slice (open_clip's default): every
+            process then computes the loss of the whole gathered batch, and its own features get exactly
+            their share of the full-batch gradient. Data-parallel training averages gradients over the W
+            processes, so the caller scales this loss's gradient by W (see ``DiffDisModule``).
 
     Returns:
-        ``{"loss", "acc_i2t", "acc_t2i"}``.
+        ``{"loss", "acc_i2t", "acc_t2i"}`` over the whole (gathered) batch.
     """
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
-    all_img, all_txt = (gather(img), gather(txt)) if gather is not None else (img, txt)
-    logits_i2t = logit_scale * img @ all_txt.t()  # (B, B_all)
-    logits_t2i = logit_scale * txt @ all_img.t()  # (B, B_all)
-    labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
-    loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+    if gather is not None:
+        img, txt = gather(img), gather(txt)
+    logits = logit_scale * img @ txt.t()  # (N, N): rows images, columns texts
+    labels = torch.arange(img.shape[0], device=img.device)
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
     return {
         "loss": loss,
-        "acc_i2t": (logits_i2t.argmax(-1) == labels).float().mean().detach(),
-        "acc_t2i": (logits_t2i.argmax(-1) == labels).float().mean().detach(),
+        "acc_i2t": (logits.argmax(-1) == labels).float().mean().detach(),
+        "acc_t2i": (logits.argmax(0) == labels).float().mean().detach(),
     }
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` with the same value and ``factor`` times its gradient."""
+    return x if factor == 1 else x + (factor - 1) * (x - x.detach())
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from ..losses import contrastive_loss, gather_with_grad, image_generation_loss, total_loss
+from ..losses import contrastive_loss, gather_with_grad, image_generation_loss, scale_gradient, total_loss
 from ..models.components import encode_text
 from ..models.dual_stream_unet import DualStreamUNet
 from ..schedule import text_forward, text_x0_from_eps
@@ -128,8 +128,10 @@ class DiffDisModule(nn.Module):
             pred_e = text_x0_from_eps(e_t, pred_e, t_e, self.alphas_cumprod, opt.text_scale)
         scale = self.unet.logit_scale.exp().clamp(max=opt.logit_scale_max)
         distributed = gather and torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = torch.distributed.get_rank() if distributed else 0
-        ita = contrastive_loss(pred_e, query, scale, gather=gather_with_grad if distributed else None, rank=rank)
-        out = total_loss(loss_ig, ita["loss"], opt.lambda_ita)
+        ita = contrastive_loss(pred_e, query, scale, gather=gather_with_grad if distributed else None)
+        # each of the W processes has the whole batch's gradient for its own features and DDP averages the
+        # gradients over processes: W x the gradient makes the average equal one process on the whole batch
+        world = torch.distributed.get_world_size() if distributed else 1
+        out = total_loss(loss_ig, scale_gradient(ita["loss"], world), opt.lambda_ita)
         out.update(acc_i2t=ita["acc_i2t"], acc_t2i=ita["acc_t2i"], logit_scale=scale.detach())
         return out
