@@ -25,12 +25,3 @@ def test_processes_must_be_positive(capsys):
         demo.main(["--processes", "0", "--out", "unused"])
     assert exit_info.value.code == 2
     assert "--processes must be at least 1" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("cores, cuda, expected", [(1, False, 1), (2, False, 2), (16, False, 2), (16, True, 1)])
-def test_default_processes(monkeypatch, cores, cuda, expected):
-    import torch
-
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: cores)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert demo.default_processes() == expected
