@@ -160,3 +160,12 @@ def tiny_components(latent: bool = False, with_projection: bool = False, unet_cl
         "scheduler": sd_like_scheduler(),
         "vae": tiny_vae() if latent else None,
     }
+
+
+def free_port() -> str:
+    """A free local TCP port for a test's process group."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

@@ -86,14 +86,10 @@ def test_gathered_contrastive_loss_gives_each_process_the_full_batch_gradient(tm
     """Two processes, four pairs each: every process's loss is the 8-pair loss, and its features get exactly the
     gradient one process computing all 8 pairs would give them (a local-rows-only loss lacks terms and, in
     data-parallel training, collapsed the features to chance: L_ITA stuck at ln(64))."""
-    import socket
-
     import torch.multiprocessing as mp
+    from helpers_tiny import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    mp.spawn(_gathered_loss_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_gathered_loss_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     img, txt = _contrastive_batch()
     img.requires_grad_(), txt.requires_grad_()
     ref = contrastive_loss(img, txt, torch.tensor(7.0))

@@ -3,13 +3,13 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_tiny import free_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,16 +22,10 @@ def _env():
     return env
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def accelerate(args, num_processes=1, check=True):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if num_processes > 1:
-        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", _free_port()]
+        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", free_port()]
     else:
         launcher += ["--num_processes", "1", "--cpu"]
     proc = subprocess.run(launcher + [TRAIN] + args, env=_env(), capture_output=True, text=True, timeout=600)

@@ -71,6 +71,8 @@ def main(argv=None) -> int:
                         " 2 single-thread processes measured 0.96-1.17x the steps/s of one 2-thread process here)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the training config")
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
     out = Path(args.out)
     start = time.perf_counter()
 
@@ -83,8 +85,6 @@ def main(argv=None) -> int:
             f"train.max_minutes={args.train_minutes}"]
         extra = [] if any(o.startswith("train.eval_every=") for o in args.overrides) else ["train.eval_every=400"]
         overrides = [f"train.output_dir={out}"] + budget + extra + list(args.overrides)
-        if args.processes < 1:
-            parser.error("--processes must be at least 1")
         code = train_processes(overrides, args.processes) if args.processes > 1 else train_tool.main(overrides)
         if code:
             return code

@@ -66,11 +66,11 @@ def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, opt
 class DiffDisModule(nn.Module):
     """The trainable modules and the DiffDis objective.
 
-    ``forward(latents, input_ids, empty_ids, generator, gather=True, step=None)`` runs the generation pass (L_IG,
-    on the batch's first ``ig_fraction`` share) and, when ``lambda_ita > 0``, the discrimination pass (L_ITA) on the same batch (its first ``ita_fraction``
-    share; with ``ita_every=k``, only when ``step`` is a multiple of k, ``None`` meaning always), and returns a
-    dict of named losses with the total under ``"loss"``. Image-stream timesteps
-    come from :func:`sample_timesteps`. All randomness comes from ``generator`` so that a
+    ``forward(latents, input_ids, empty_ids, generator, gather=True, step=None)`` runs the generation pass (L_IG)
+    on the batch's first ``ig_fraction`` share and, when ``lambda_ita > 0``, the discrimination pass (L_ITA) on its
+    first ``ita_fraction`` share (with ``ita_every=k``, only when ``step`` is a multiple of k; ``None``: always),
+    and returns a dict of named losses with the total under ``"loss"``. Image-stream timesteps come from
+    :func:`sample_timesteps`. All randomness comes from ``generator`` so that a
     checkpoint that saves its state resumes exactly. ``gather=False`` contrasts within the local
     batch only (for evaluation passes that not every process takes part in).
     """
