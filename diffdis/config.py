@@ -61,6 +61,7 @@ class ModelConfig:
     pretrained: Optional[str] = None  # SD-1.x folder or hub id; None builds tiny components
     revision: Optional[str] = None  # hub revision of ``pretrained``
     use_vae: bool = False  # False: diffusion in pixel space (tiny default)
+    patch_size: int = 1  # tiny pixel-space models: p > 1 folds p x p pixel patches into channels (the UNet sees 3*p*p channels at resolution/p)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     fusion: str = "joint"  # "joint" (paper) or "one_way" (image tokens never see the text token)
@@ -227,6 +228,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"loss.ig_fraction={cfg.loss.ig_fraction} must be in (0, 1]")
     if cfg.loss.ita_every < 1:
         raise ConfigError(f"loss.ita_every={cfg.loss.ita_every} must be at least 1")
+    p = cfg.model.patch_size
+    if p < 1 or cfg.data.resolution % p:
+        raise ConfigError(f"model.patch_size={p} must be at least 1 and divide data.resolution={cfg.data.resolution}")
+    if p > 1 and (cfg.model.pretrained or cfg.model.use_vae):
+        raise ConfigError("model.patch_size > 1 is for tiny pixel-space models; pretrained models use their VAE")
     if cfg.loss.timestep_std <= 0:
         raise ConfigError(f"loss.timestep_std={cfg.loss.timestep_std} must be > 0")
     u = cfg.model.unet

@@ -13,14 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import benchmark  # noqa: E402  (tools/benchmark.py)
 
 
-
-
 def test_benchmark_sample_writes_ratio(tmp_path):
     out = tmp_path / "s.json"
     assert benchmark.main(["sample", "--steps", "2", "--repeats", "1", "--batch-size", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["ratio"] == pytest.approx(result["ours_s"] / result["vanilla_s"])
-    assert result["resolution"] == 16 and result["num_prompts"] == 2 and result["steps"] == 2
+    # the default folds 2x2 patches: its 16x16 images are 8x8 latents, which the stand-in VAE (factor 1) is called at
+    assert result["image_size"] == 16 and result["resolution"] == 8
+    assert result["num_prompts"] == 2 and result["steps"] == 2
     assert "stand-in" in result["vae"] and result["unet_generation_params"] > 1e6
 
 

@@ -52,6 +52,26 @@ def test_trains_on_a_local_imagefolder(tmp_path, tiny_overrides, tiny_imagefolde
     assert (out / "model" / "model_index.json").is_file()
 
 
+def test_patch_and_plain_pixel_models_save_what_the_pipeline_loads(tmp_path, tiny_overrides):
+    """The default folds 2x2 patches (a vae/ folder with a PatchAutoencoder); patch_size=1 is plain pixel space."""
+    from diffdis.models.patch_autoencoder import PatchAutoencoder
+    from diffdis.pipelines import DiffDisPipeline
+
+    plain = ["model.patch_size=1", "model.unet.in_channels=3", "model.unet.out_channels=3", "model.unet.sample_size=16"]
+    for name, extra in (("patch", []), ("plain", plain)):
+        out = tmp_path / name
+        accelerate(tiny_overrides + extra + [f"train.output_dir={out}", "train.max_steps=1", "train.checkpointing_steps=0",
+                                             "train.validation_every=0"])
+        pipe = DiffDisPipeline.from_pretrained(out / "model")
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(["a red circle"], num_inference_steps=2, output_type="np").images
+        assert images.shape == (1, 16, 16, 3)
+        if name == "patch":
+            assert isinstance(pipe.vae, PatchAutoencoder) and pipe.unet.config.in_channels == 12
+        else:
+            assert pipe.vae is None and not (out / "model" / "vae").exists()
+
+
 def weights(model_dir: Path):
     return load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
 

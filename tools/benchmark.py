@@ -102,14 +102,15 @@ def sd15_components(resolution: int):
 
 
 def tiny_components():
-    """The embedded default (configs/tiny.yaml) with random weights, and its training noise scheduler."""
+    """The embedded default (configs/tiny.yaml) with random weights, its training noise scheduler, image size and
+    VAE (the PatchAutoencoder of a patch model, else None)."""
     from diffdis.config import load_config
     from diffdis.train.build import build_components, caption_corpus, load_split
 
     cfg = load_config(None, [])
     captions = list(caption_corpus(load_split(cfg.data, "train", num_samples=500)))
     c = build_components(cfg, captions=captions)
-    return c.tokenizer, c.text_encoder, c.unet, c.noise_scheduler, cfg.data.resolution
+    return c.tokenizer, c.text_encoder, c.unet, c.noise_scheduler, cfg.data.resolution, c.vae
 
 
 def stand_in_vae(channels: int):
@@ -123,10 +124,14 @@ def stand_in_vae(channels: int):
     ).eval()
 
 
-def sampling_pipeline(args) -> Tuple[object, int, str]:
-    """(DiffDisPipeline, image size, what the VAE is)."""
+def sampling_pipeline(args) -> Tuple[object, int, int, str]:
+    """(DiffDisPipeline, the size both pipelines are called with, the model's image size, what the VAE is).
+
+    With a stand-in VAE (factor 1) the pipelines are called at the latent size, so that the UNet does the same work
+    as the model's own pipeline at its image size."""
     from diffusers import DDPMScheduler
 
+    from diffdis.models.patch_autoencoder import is_patch_autoencoder
     from diffdis.pipelines import DiffDisPipeline, make_scheduler, vae_scale_factor
 
     if args.model:
@@ -141,14 +146,21 @@ def sampling_pipeline(args) -> Tuple[object, int, str]:
         sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
         pipe = DiffDisPipeline(unet, text_encoder, tokenizer, make_scheduler(args.scheduler, sched.config), vae)
     else:
-        tokenizer, text_encoder, unet, sched, _ = tiny_components()
-        pipe = DiffDisPipeline(unet, text_encoder, tokenizer, make_scheduler(args.scheduler, sched.config))
+        tokenizer, text_encoder, unet, sched, _, vae = tiny_components()
+        pipe = DiffDisPipeline(unet, text_encoder, tokenizer, make_scheduler(args.scheduler, sched.config), vae)
     vae_note = "the model's own"
-    if pipe.vae is None:
+    factor = vae_scale_factor(pipe.vae)
+    image_size = args.resolution or pipe.unet.config.sample_size * factor
+    if image_size % factor:
+        raise CliError(f"--resolution {image_size} is not a multiple of the VAE factor {factor}")
+    if pipe.vae is None or is_patch_autoencoder(pipe.vae):
+        # StableDiffusionPipeline needs an AutoencoderKL: both pipelines get the same near-free one, so the UNet work
+        # (the same latents) is what is compared
+        was = "no VAE (pixel space)" if pipe.vae is None else "a PatchAutoencoder"
         pipe.register_modules(vae=stand_in_vae(pipe.unet.config.in_channels))
-        vae_note = "stand-in AutoencoderKL (1 level, 8 channels, factor 1, random weights) added to both pipelines"
-    resolution = args.resolution or pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
-    return pipe, resolution, vae_note
+        vae_note = (f"the model has {was}; a stand-in AutoencoderKL (1 level, 8 channels, factor 1, random weights)"
+                    " replaces it in both pipelines")
+    return pipe, image_size // factor * vae_scale_factor(pipe.vae), image_size, vae_note
 
 
 # ---------------------------------------------------------------------------- runs
@@ -164,7 +176,7 @@ def run_sample(args, device: torch.device, dtype: torch.dtype) -> dict:
     """Seconds per call and the ratio ours / vanilla."""
     from diffdis.pipelines import benchmark_sample, to_stable_diffusion
 
-    pipe, resolution, vae_note = sampling_pipeline(args)
+    pipe, resolution, image_size, vae_note = sampling_pipeline(args)
     vanilla = to_stable_diffusion(pipe)
     for p in (pipe, vanilla):
         p.to(device) if dtype == torch.float32 else p.to(device=device, dtype=dtype)
@@ -173,7 +185,7 @@ def run_sample(args, device: torch.device, dtype: torch.dtype) -> dict:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
     result = benchmark_sample(pipe, vanilla, prompts, args.steps, args.repeats, args.guidance, height=resolution)
     params = sum(p.numel() for p in pipe.unet.unet.parameters())
-    result.update(resolution=resolution, guidance=args.guidance, scheduler=type(pipe.scheduler).__name__,
+    result.update(resolution=resolution, image_size=image_size, guidance=args.guidance, scheduler=type(pipe.scheduler).__name__,
                   vae=vae_note, unet_generation_params=params, xformers=args.xformers,
                   reference="diffusers.StableDiffusionPipeline with the same UNet, text tower, VAE and scheduler")
     return result
@@ -193,7 +205,7 @@ def run_zeroshot(args, device: torch.device, dtype: torch.dtype) -> dict:
         unet, text_encoder, tokenizer, sched_config, vae, resolution = (
             m.unet, m.text_encoder, m.tokenizer, m.scheduler_config, m.vae, m.resolution)
     else:
-        tokenizer, text_encoder, unet, sched, resolution = tiny_components()
+        tokenizer, text_encoder, unet, sched, resolution, vae = tiny_components()
         sched_config = dict(sched.config)
     cast = {"device": device} if dtype == torch.float32 else {"device": device, "dtype": dtype}
     unet, text_encoder = unet.to(**cast).eval(), text_encoder.to(**cast).eval()

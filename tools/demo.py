@@ -2,7 +2,7 @@
 """The main job on the embedded default: train the tiny DiffDis model, sample a grid, evaluate it.
 
 ``make demo`` runs this. Everything runs offline on CPU, in about 18 minutes on 2 cores: training gets a
-14-minute budget (``--train-minutes``; on a slow CPU fewer than the configured 2600 steps fit, and the
+14-minute budget (``--train-minutes``; on a slow CPU fewer than the configured 4000 steps fit, and the
 run is shortened to what fits with its LR schedule rescaled; every 400 steps it logs prompt adherence,
 zero-shot accuracy and a sample grid), then a sample grid, then
 ``tools/evaluate.py --quick``: FID, prompt adherence, zero-shot accuracy on every embedded task

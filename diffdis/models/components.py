@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 from transformers import (
     AutoConfig,
     CLIPTextConfig,
@@ -21,6 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from .patch_autoencoder import PatchAutoencoder
 
 logger = logging.getLogger("diffdis.models")
 
@@ -140,6 +142,26 @@ def load_vae(path: str, revision: Optional[str] = None) -> AutoencoderKL:
         return AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision)
     except (OSError, ValueError) as err:
         raise ComponentError(f"cannot load VAE from '{path}': {err}") from None
+
+
+def load_vae_folder(folder) -> ModelMixin:
+    """Load a saved ``vae/`` folder of either class: an ``AutoencoderKL`` or a :class:`PatchAutoencoder`."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    cls = PatchAutoencoder if config.get("_class_name") == "PatchAutoencoder" else AutoencoderKL
+    return cls.from_pretrained(folder)
+
+
+def vae_scale_factor(vae: Optional[ModelMixin]) -> int:
+    """Pixels per latent along each side: 1 in pixel space, ``p`` for a patch autoencoder, ``2 ** (levels - 1)``
+    for an ``AutoencoderKL``."""
+    if vae is None:
+        return 1
+    if isinstance(vae, PatchAutoencoder):
+        return vae.spatial_factor
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def load_unet(path: str, revision: Optional[str] = None) -> UNet2DConditionModel:

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.modeling_utils import ModelMixin
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel
 
+from ..models.patch_autoencoder import is_patch_autoencoder
 from .text_to_image import DiffDisPipeline
 
 logger = logging.getLogger("diffdis.pipelines")
@@ -63,6 +64,11 @@ def to_stable_diffusion(pipe: DiffDisPipeline) -> StableDiffusionPipeline:
         raise ValueError(
             "this is a pixel-space model (no VAE): StableDiffusionPipeline needs one; export the UNet only with"
             " export_unet()"
+        )
+    if is_patch_autoencoder(pipe.vae):
+        raise ValueError(
+            "this model folds pixel patches into channels (PatchAutoencoder), which StableDiffusionPipeline cannot"
+            " load; export the UNet only with export_unet()"
         )
     # A copy: StableDiffusionPipeline rewrites `steps_offset` and `clip_sample` in the config it is given.
     scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)

@@ -24,7 +24,6 @@ from typing import Any, Callable, List, Optional, Union
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
@@ -37,6 +36,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..models.components import vae_scale_factor
 
 logger = logging.getLogger("diffdis.pipelines")
 
@@ -68,13 +69,6 @@ def make_scheduler(name: str, config: Any) -> SchedulerMixin:
     if key not in classes:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(classes)}")
     return classes[key].from_config(config)
-
-
-def vae_scale_factor(vae: Optional[ModelMixin]) -> int:
-    """Pixels per latent along each side: ``2 ** (levels - 1)`` for a VAE, 1 in pixel space."""
-    if vae is None:
-        return 1
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def unet_downsample_factor(unet: ModelMixin) -> int:
@@ -125,7 +119,8 @@ class DiffDisPipeline(DiffusionPipeline):
         text_encoder: a CLIP text model; its ``last_hidden_state`` is the cross-attention context.
         tokenizer: pads to ``tokenizer.model_max_length``.
         scheduler: any diffusers scheduler (DDIM, DPM-Solver++, Euler, DDPM...).
-        vae: optional ``AutoencoderKL``; None means pixel space.
+        vae: optional ``AutoencoderKL``, or a :class:`~diffdis.models.patch_autoencoder.PatchAutoencoder` (pixel
+            space folded into patches); None means pixel space.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -137,7 +132,7 @@ class DiffDisPipeline(DiffusionPipeline):
         text_encoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         scheduler: SchedulerMixin,
-        vae: Optional[AutoencoderKL] = None,
+        vae: Optional[ModelMixin] = None,
     ) -> None:
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae)

@@ -27,7 +27,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
-from ..models.components import encode_text, load_text_encoder, load_tokenizer
+from ..models.components import encode_text, load_text_encoder, load_tokenizer, load_vae_folder, vae_scale_factor
 from ..models.dual_stream_unet import DualStreamUNet
 
 logger = logging.getLogger("diffdis.pipelines")
@@ -140,10 +140,8 @@ def load_zero_shot_model(folder: Union[str, Path], device: Union[str, torch.devi
     scheduler_config = json.loads(sched_path.read_text()) if sched_path.is_file() else {}
     vae = None
     if (folder / "vae" / "config.json").is_file():
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(folder / "vae").to(device).eval()
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        vae = load_vae_folder(folder / "vae").to(device).eval()
+    factor = vae_scale_factor(vae)
     resolution = int(cfg.get("data", {}).get("resolution") or unet.config.sample_size * factor)
     text_scale = float(cfg.get("loss", {}).get("text_scale", 1.0))
     return ZeroShotModel(unet, text_encoder, tokenizer, scheduler_config, vae, text_scale, resolution, cfg)

@@ -24,6 +24,7 @@ from ..models.components import (
     train_tokenizer,
 )
 from ..models.dual_stream_unet import DualStreamUNet
+from ..models.patch_autoencoder import PatchAutoencoder
 
 MAX_TOKENIZER_CAPTIONS = 200_000
 
@@ -105,16 +106,22 @@ def build_components(cfg, captions: Optional[Iterable[str]] = None, tokenizer_di
             raise ComponentError("a tiny model needs the training captions to train its tokenizer")
         tokenizer = train_tokenizer(captions, m.text_encoder.vocab_size, m.text_encoder.max_length)
     text_encoder = build_text_encoder(m.text_encoder, tokenizer)
-    unet_cfg = m.unet
-    if unet_cfg.in_channels != 3 or unet_cfg.out_channels != 3:
-        raise ConfigError("pixel-space models need model.unet.in_channels=3 and out_channels=3")
-    if unet_cfg.sample_size != cfg.data.resolution:
+    unet_cfg, p = m.unet, m.patch_size
+    channels, side = 3 * p * p, cfg.data.resolution // p
+    if unet_cfg.in_channels != channels or unet_cfg.out_channels != channels:
         raise ConfigError(
-            f"model.unet.sample_size={unet_cfg.sample_size} must equal data.resolution={cfg.data.resolution} in pixel space"
+            f"model.unet.in_channels and out_channels must be {channels} (3 x model.patch_size^2 = 3 x {p}^2),"
+            f" got {unet_cfg.in_channels} and {unet_cfg.out_channels}"
+        )
+    if unet_cfg.sample_size != side:
+        raise ConfigError(
+            f"model.unet.sample_size={unet_cfg.sample_size} must be data.resolution / model.patch_size ="
+            f" {cfg.data.resolution} / {p} = {side}"
         )
     base = build_unet(unet_cfg, cross_attention_dim=m.text_encoder.hidden_size)
     unet = DualStreamUNet.from_unet(base, text_dim=text_query_dim(text_encoder), **_unet_kwargs(cfg))
-    return Components(tokenizer, text_encoder, unet, _noise_scheduler(cfg), None)
+    vae = PatchAutoencoder(patch_size=p) if p > 1 else None
+    return Components(tokenizer, text_encoder, unet, _noise_scheduler(cfg), vae)
 
 
 def make_collator(cfg, tokenizer, generator: Optional[torch.Generator] = None, defer_choice: bool = False) -> ImageTextCollator:

@@ -81,7 +81,8 @@ def _to_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> 
         return pixel_values  # pixel space
     with torch.no_grad():
         dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
-        return (dist.sample(generator=generator) * vae.config.scaling_factor).float()
+        z = dist.mode() if dist.deterministic else dist.sample(generator=generator)  # (B, C, h, w)
+        return (z * vae.config.scaling_factor).float()
 
 
 @contextlib.contextmanager
