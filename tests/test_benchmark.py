@@ -43,3 +43,24 @@ def test_benchmark_bad_input(tmp_path, capsys):
     assert benchmark.main(["zeroshot", "--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
     assert "not a DiffDis model folder" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_benchmark_train_writes_ratio_against_the_diffusers_step(tmp_path):
+    out = tmp_path / "t.json"
+    args = ["train", "--steps-per-round", "1", "--repeats", "1", "--batch-size", "4", "--out", str(out),
+            "model.unet.block_out_channels=[16,32]", "model.unet.norm_num_groups=8"]
+    assert benchmark.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["ratio"] == pytest.approx(result["ours_step_s"] / result["reference_step_s"])
+    assert result["ours_img_s"] == pytest.approx(4 / result["ours_step_s"])
+    # the default folds 2x2 patches: 16x16 images are 8x8x12 latents for both steps
+    assert result["train_batch"] == 4 and result["latent_shape"] == [12, 8, 8] and result["image_size"] == 16
+    assert result["overrides"][0] == "model.unet.block_out_channels=[16,32]"
+
+
+def test_benchmark_train_bad_override_is_one_line(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert benchmark.main(["train", "--out", str(out), "loss.lambda_itaa=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "lambda_itaa" in err and "\n" not in err
+    assert not out.exists()

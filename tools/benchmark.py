@@ -5,6 +5,8 @@
     python tools/benchmark.py sample --model outputs/tiny/model --batch-size 16 --steps 25
     python tools/benchmark.py sample --preset sd15 --device cuda --dtype bfloat16 --resolution 512
     python tools/benchmark.py zeroshot --model outputs/tiny/model --classes 10 1000
+    python tools/benchmark.py train                        # tiny default: DiffDis step vs diffusers' step
+    python tools/benchmark.py train model.patch_size=1 ... # any training-config override
 
 ``sample`` times DiffDisPipeline against a vanilla diffusers ``StableDiffusionPipeline`` holding the same
 weights (same prompts, batch, steps, scheduler and seeds; the two alternate who runs first). A
@@ -15,6 +17,10 @@ cost is shared and is written into the JSON.
 ``zeroshot`` gives images/s of DiffDis zero-shot classification at each class count (the cost must be
 nearly flat in the class count), joint vs one_way fusion with the image-feature cache, and the
 diffusion-classifier baseline on the same model and images.
+
+``train`` times one DiffDis training step (L_IG + L_ITA, AdamW) against the generation-only step of diffusers'
+``train_text_to_image.py`` with the same UNet, text tower, noise scheduler, batch and optimiser settings (see
+``diffdis.train.bench``); the ratio is what the second task costs per step.
 
 Without ``--model`` the components are built from the preset with random weights: speed does not
 depend on the weights. Timings are medians of ``--repeats`` rounds after a warm-up.
@@ -73,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--dc-timesteps", type=int, default=100,
                    help="diffusion classifier: timesteps per class, as Li et al. use at least (default: 100)")
     z.add_argument("--dc-images", type=int, default=2, help="diffusion classifier: images timed (default: 2)")
+    t = sub.add_parser("train", help="a DiffDis training step vs the diffusers text-to-image step",
+                       description="a DiffDis training step vs the diffusers text-to-image step (same UNet, batch, AdamW)")
+    t.add_argument("--preset", default="tiny", choices=("tiny", "sd15"),
+                   help="tiny: configs/tiny.yaml (with the overrides); sd15: an SD-1.5-sized UNet and CLIP-L text tower with"
+                   " random weights, trained in latent space at --resolution / 8 with configs/sd15.yaml's loss (default: tiny)")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="autocast dtype (default: float32, no autocast)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: the config's train.batch_size)")
+    t.add_argument("--resolution", type=int, default=512, help="sd15 preset: image size (default: 512)")
+    t.add_argument("--steps-per-round", type=int, default=10, help="optimiser steps in each timed round (default: 10)")
+    t.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up (default: 3)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--out", default=None, help="JSON file (default: benchmark_train.json)")
+    t.add_argument("overrides", nargs="*", help="key=value training-config overrides (the model, loss and batch)")
     return p
 
 
@@ -228,13 +248,53 @@ def run_zeroshot(args, device: torch.device, dtype: torch.dtype) -> dict:
     return result
 
 
+def run_train(args, device: torch.device, dtype: torch.dtype) -> dict:
+    """Seconds per training step of DiffDis and of the diffusers text-to-image step, and their ratio."""
+    from diffdis.config import ConfigError, load_config
+    from diffdis.train.bench import benchmark_train
+    from diffdis.train.build import Components, build_components, build_noise_scheduler, caption_corpus, load_split
+
+    try:
+        cfg = load_config("sd15" if args.preset == "sd15" else None, args.overrides)
+    except ConfigError as err:
+        raise CliError(str(err)) from None
+    batch = args.batch_size or cfg.train.batch_size
+    if args.preset == "sd15":
+        tokenizer, text_encoder, unet, vae = sd15_components(args.resolution)
+        components = Components(tokenizer, text_encoder, unet, build_noise_scheduler(cfg), None)
+        shape, image_size = (vae.config.latent_channels, args.resolution // 8, args.resolution // 8), args.resolution
+    else:
+        if cfg.model.pretrained:
+            raise CliError("train --preset tiny builds its model from the config; model.pretrained is not used here")
+        captions = list(caption_corpus(load_split(cfg.data, "train", num_samples=500)))
+        components = build_components(cfg, captions=captions)
+        u = components.unet.config
+        shape, image_size = (u.in_channels, u.sample_size, u.sample_size), cfg.data.resolution
+    components.unet.to(device)
+    components.text_encoder.to(device)
+    latents = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0)).to(device)  # (B, C, h, w)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    tok = components.tokenizer
+    ids = tok(prompts + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        result = benchmark_train(cfg, components, latents, ids[:-1], ids[-1:], args.steps_per_round, args.repeats)
+    result.update(image_size=image_size, unet_generation_params=sum(p.numel() for p in components.unet.unet.parameters()),
+                  preset=args.preset, overrides=list(args.overrides), lambda_ita=cfg.loss.lambda_ita,
+                  ig_fraction=cfg.loss.ig_fraction, prediction_type=cfg.noise.prediction_type,
+                  reference="the step of diffusers' train_text_to_image.py: generation only, the whole batch, same UNet,"
+                  " text tower, noise scheduler and AdamW settings")
+    return result
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out or f"benchmark_{args.command}.json")
     try:
-        if args.batch_size < 1 or args.repeats < 1 or args.steps < 1:
-            raise CliError("--batch-size, --repeats and --steps must be at least 1")
-        if args.model and not Path(args.model).is_dir():
+        steps = args.steps_per_round if args.command == "train" else args.steps
+        if (args.batch_size is not None and args.batch_size < 1) or args.repeats < 1 or steps < 1:
+            raise CliError("--batch-size, --repeats and --steps (--steps-per-round) must be at least 1")
+        if getattr(args, "model", None) and not Path(args.model).is_dir():
             raise CliError(f"model folder '{args.model}' does not exist")
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -242,24 +302,28 @@ def main(argv: Optional[list] = None) -> int:
         if args.command == "sample" and args.xformers and device.type != "cuda":
             raise CliError("--xformers needs --device cuda")
         started = time.time()
-        run = run_sample if args.command == "sample" else run_zeroshot
+        run = {"sample": run_sample, "zeroshot": run_zeroshot, "train": run_train}[args.command]
         result = run(args, device, dtype)
     except (CliError, ValueError, OSError) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     result.update(
-        benchmark=args.command, model=args.model or f"{args.preset} preset, random weights", device=str(device),
+        benchmark=args.command, model=getattr(args, "model", None) or f"{args.preset} preset, random weights",
+        device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         dtype=args.dtype, torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
-        batch_size=args.batch_size, repeats=args.repeats, wall_s=time.time() - started,
+        batch_size=result.get("train_batch", args.batch_size), repeats=args.repeats, wall_s=time.time() - started,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
-    keys = ("ratio", "ours_s", "vanilla_s") if args.command == "sample" else (
-        *(f"diffdis_{n}_classes_img_s" for n in args.classes), "class_count_ratio", "one_way_speedup",
-        "diffusion_classifier_img_s", "diffusion_classifier_slowdown")
+    keys = {
+        "sample": ("ratio", "ours_s", "vanilla_s"),
+        "zeroshot": (*(f"diffdis_{n}_classes_img_s" for n in getattr(args, "classes", ())), "class_count_ratio",
+                     "one_way_speedup", "diffusion_classifier_img_s", "diffusion_classifier_slowdown"),
+        "train": ("ratio", "ours_step_s", "reference_step_s", "ours_img_s", "reference_img_s"),
+    }[args.command]
     for k in keys:
         print(f"{k:>32}: {result[k]:.4g}")
     print(f"wrote {out}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from diffusers import DiffusionPipeline
@@ -24,6 +24,24 @@ def _timed(call: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int, device: torch.device) -> Dict[str, List[float]]:
+    """Seconds of each call in ``repeats`` rounds, after one warm-up call each.
+
+    The calls take turns going first (round r starts at call r mod n), so drift in clock speed or caches hits
+    all of them alike. Returns each name's list of per-round times.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for call in calls.values():  # warm-up: allocator, kernels, lazy imports
+        call()
+    names = list(calls)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(_timed(calls[name], device))
+    return times
+
+
 def benchmark_sample(
     pipe_ours: DiffusionPipeline,
     pipe_vanilla: DiffusionPipeline,
@@ -41,8 +59,6 @@ def benchmark_sample(
     ``ratio = ours_s / vanilla_s`` (below 1: ours is faster), plus the raw per-round times. ``height`` sets
     the (square) image size of both; default: each pipeline's own.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = pipe_ours._execution_device
 
     def run(pipe: DiffusionPipeline) -> Callable[[], object]:
@@ -58,13 +74,7 @@ def benchmark_sample(
     calls = {"ours": run(pipe_ours), "vanilla": run(pipe_vanilla)}
     for pipe in (pipe_ours, pipe_vanilla):
         pipe.set_progress_bar_config(disable=True)
-    for call in calls.values():  # warm-up: allocator, kernels, lazy imports
-        call()
-    times: dict = {"ours": [], "vanilla": []}
-    for r in range(repeats):
-        order = ("ours", "vanilla") if r % 2 == 0 else ("vanilla", "ours")
-        for name in order:
-            times[name].append(_timed(calls[name], device))
+    times = time_interleaved(calls, repeats, device)
     ours, vanilla = statistics.median(times["ours"]), statistics.median(times["vanilla"])
     return {
         "ours_s": ours,

@@ -64,7 +64,8 @@ def caption_corpus(dataset) -> Iterable[str]:
         yield from ([caps] if isinstance(caps, str) else [c for c in caps if isinstance(c, str)])
 
 
-def _noise_scheduler(cfg) -> DDPMScheduler:
+def build_noise_scheduler(cfg) -> DDPMScheduler:
+    """The DDPM noise scheduler of training, from the config's ``noise`` section."""
     n = cfg.noise
     return DDPMScheduler(
         num_train_timesteps=n.num_train_timesteps,
@@ -95,7 +96,7 @@ def build_components(cfg, captions: Optional[Iterable[str]] = None, tokenizer_di
         vae = load_vae(m.pretrained, m.revision) if m.use_vae else None
         base = load_unet(m.pretrained, m.revision)
         unet = DualStreamUNet.from_unet(base, text_dim=text_query_dim(text_encoder), **_unet_kwargs(cfg))
-        scheduler = _noise_scheduler(cfg)
+        scheduler = build_noise_scheduler(cfg)
         return Components(tokenizer, text_encoder, unet, scheduler, vae)
     if m.use_vae:
         raise ConfigError("model.use_vae=true needs model.pretrained (a folder or hub id with a vae/ subfolder)")
@@ -121,7 +122,7 @@ def build_components(cfg, captions: Optional[Iterable[str]] = None, tokenizer_di
     base = build_unet(unet_cfg, cross_attention_dim=m.text_encoder.hidden_size)
     unet = DualStreamUNet.from_unet(base, text_dim=text_query_dim(text_encoder), **_unet_kwargs(cfg))
     vae = PatchAutoencoder(patch_size=p) if p > 1 else None
-    return Components(tokenizer, text_encoder, unet, _noise_scheduler(cfg), vae)
+    return Components(tokenizer, text_encoder, unet, build_noise_scheduler(cfg), vae)
 
 
 def make_collator(cfg, tokenizer, generator: Optional[torch.Generator] = None, defer_choice: bool = False) -> ImageTextCollator:
