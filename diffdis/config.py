@@ -146,6 +146,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3  # pretrained parameters (and all of a tiny model)
     learning_rate_new: Optional[float] = None  # new parameters (text stream); None: learning_rate
+    learning_rate_text_encoder: Optional[float] = None  # the text encoder, when trained; None: learning_rate
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99

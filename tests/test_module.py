@@ -118,3 +118,27 @@ def test_ita_every_skips_the_discrimination_pass_between_its_steps():
 def test_step_option_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=override.split())
+
+
+@pytest.mark.parametrize("overrides, lrs", [
+    (["train.learning_rate_new=null", "train.learning_rate_text_encoder=null"], (1e-3, 1e-3, 1e-3)),
+    (["train.learning_rate_new=2e-3", "train.learning_rate_text_encoder=5e-4"], (1e-3, 2e-3, 5e-4)),
+])
+def test_optimizer_has_a_learning_rate_for_the_unet_the_text_stream_and_the_text_encoder(overrides, lrs):
+    from diffdis.train.build import build_optimizer
+
+    module, _ = _module()
+    cfg = load_config("tiny", ["train.learning_rate=1e-3"] + overrides)
+    groups = build_optimizer(cfg, module.unet, module.text_encoder).param_groups
+    new = {id(p) for p in module.unet.new_parameters()}
+    expected = [
+        [p for p in module.unet.parameters() if id(p) not in new],
+        list(module.unet.new_parameters()),
+        list(module.text_encoder.parameters()),
+    ]
+    assert [g["lr"] for g in groups] == list(lrs)
+    for group, params in zip(groups, expected):
+        assert [id(p) for p in group["params"]] == [id(p) for p in params]
+    # a frozen text encoder is left out of the optimiser
+    module.text_encoder.requires_grad_(False)
+    assert len(build_optimizer(cfg, module.unet, module.text_encoder).param_groups) == 2

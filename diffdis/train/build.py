@@ -131,15 +131,17 @@ def make_collator(cfg, tokenizer, generator: Optional[torch.Generator] = None, d
 
 
 def build_optimizer(cfg, unet: DualStreamUNet, text_encoder: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW with one learning rate for pretrained/UNet weights and another for the new text stream."""
+    """AdamW with a learning rate each for the UNet's pretrained (or tiny) weights, the new text stream
+    (``train.learning_rate_new``) and the text encoder (``train.learning_rate_text_encoder``); unset: ``learning_rate``."""
     t = cfg.train
     new_ids = {id(p) for p in unet.new_parameters()}
-    base: List[torch.nn.Parameter] = [p for p in unet.parameters() if id(p) not in new_ids and p.requires_grad]
-    base += [p for p in text_encoder.parameters() if p.requires_grad]
-    new = [p for p in unet.new_parameters() if p.requires_grad]
-    groups = [{"params": base, "lr": t.learning_rate}]
-    if new:
-        groups.append({"params": new, "lr": t.learning_rate_new or t.learning_rate})
+    groups = [
+        {"params": [p for p in unet.parameters() if id(p) not in new_ids and p.requires_grad], "lr": t.learning_rate},
+        {"params": [p for p in unet.new_parameters() if p.requires_grad], "lr": t.learning_rate_new or t.learning_rate},
+        {"params": [p for p in text_encoder.parameters() if p.requires_grad],
+         "lr": t.learning_rate_text_encoder or t.learning_rate},
+    ]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(
         groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
     )
