@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The main job on the embedded default: train the tiny DiffDis model, sample a grid, evaluate it.
 
-``make demo`` runs this. Everything runs offline on CPU, in about 18 minutes on 2 cores: training gets a
+``make demo`` runs this. Everything runs offline on CPU, in 12 to 17 minutes on 2 cores: training gets a
 14-minute budget (``--train-minutes``; on a slow CPU fewer than the configured 4000 steps fit, and the
 run is shortened to what fits with its LR schedule rescaled; every 400 steps it logs prompt adherence,
 zero-shot accuracy and a sample grid), then a sample grid, then

@@ -7,7 +7,9 @@ config, with a word-level tokenizer trained in-process on the training captions.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -146,9 +148,6 @@ def load_vae(path: str, revision: Optional[str] = None) -> AutoencoderKL:
 
 def load_vae_folder(folder) -> ModelMixin:
     """Load a saved ``vae/`` folder of either class: an ``AutoencoderKL`` or a :class:`PatchAutoencoder`."""
-    import json
-    from pathlib import Path
-
     config = json.loads((Path(folder) / "config.json").read_text())
     cls = PatchAutoencoder if config.get("_class_name") == "PatchAutoencoder" else AutoencoderKL
     return cls.from_pretrained(folder)
