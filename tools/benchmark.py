@@ -121,15 +121,21 @@ def sd15_components(resolution: int):
     return tokenizer, text_encoder, DualStreamUNet.from_unet(unet, text_dim=768), vae
 
 
+def build_tiny(cfg):
+    """``Components`` of a tiny config with random weights (the tokenizer trained on 500 embedded captions)."""
+    from diffdis.train.build import build_components, caption_corpus, load_split
+
+    captions = list(caption_corpus(load_split(cfg.data, "train", num_samples=500)))
+    return build_components(cfg, captions=captions)
+
+
 def tiny_components():
     """The embedded default (configs/tiny.yaml) with random weights, its training noise scheduler, image size and
     VAE (the PatchAutoencoder of a patch model, else None)."""
     from diffdis.config import load_config
-    from diffdis.train.build import build_components, caption_corpus, load_split
 
     cfg = load_config(None, [])
-    captions = list(caption_corpus(load_split(cfg.data, "train", num_samples=500)))
-    c = build_components(cfg, captions=captions)
+    c = build_tiny(cfg)
     return c.tokenizer, c.text_encoder, c.unet, c.noise_scheduler, cfg.data.resolution, c.vae
 
 
@@ -250,14 +256,11 @@ def run_zeroshot(args, device: torch.device, dtype: torch.dtype) -> dict:
 
 def run_train(args, device: torch.device, dtype: torch.dtype) -> dict:
     """Seconds per training step of DiffDis and of the diffusers text-to-image step, and their ratio."""
-    from diffdis.config import ConfigError, load_config
+    from diffdis.config import load_config
     from diffdis.train.bench import benchmark_train
-    from diffdis.train.build import Components, build_components, build_noise_scheduler, caption_corpus, load_split
+    from diffdis.train.build import Components, build_noise_scheduler
 
-    try:
-        cfg = load_config("sd15" if args.preset == "sd15" else None, args.overrides)
-    except ConfigError as err:
-        raise CliError(str(err)) from None
+    cfg = load_config("sd15" if args.preset == "sd15" else None, args.overrides)  # a ConfigError is a ValueError
     batch = args.batch_size or cfg.train.batch_size
     if args.preset == "sd15":
         tokenizer, text_encoder, unet, vae = sd15_components(args.resolution)
@@ -266,8 +269,7 @@ def run_train(args, device: torch.device, dtype: torch.dtype) -> dict:
     else:
         if cfg.model.pretrained:
             raise CliError("train --preset tiny builds its model from the config; model.pretrained is not used here")
-        captions = list(caption_corpus(load_split(cfg.data, "train", num_samples=500)))
-        components = build_components(cfg, captions=captions)
+        components = build_tiny(cfg)
         u = components.unet.config
         shape, image_size = (u.in_channels, u.sample_size, u.sample_size), cfg.data.resolution
     components.unet.to(device)

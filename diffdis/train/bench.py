@@ -65,6 +65,7 @@ def _ours_step(cfg, components: Components, latents, input_ids, empty_ids, gener
     unet, text_encoder = components.unet.train(), components.text_encoder.train()
     text_encoder.requires_grad_(bool(cfg.model.train_text_encoder))
     module = DiffDisModule(unet, text_encoder, components.noise_scheduler, StepOptions.from_config(cfg.loss))
+    module.to(latents.device)  # its alphas_cumprod buffer
     optimizer = build_optimizer(cfg, unet, text_encoder)
     counter = {"step": 0}
 
