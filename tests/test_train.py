@@ -151,3 +151,26 @@ def test_bad_input_one_line_error(tmp_path, tiny_overrides, override, message, t
     last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
     assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.unet.block_out_channels=[16,48]", "is [32] in"),
+        ("model.text_encoder.num_hidden_layers=2", "of this config's model is not in"),
+        ("model.train_text_encoder=false", "different number of parameter groups"),
+    ],
+)
+def test_resuming_a_checkpoint_of_another_config_is_a_one_line_error(tmp_path, tiny_overrides, override, message):
+    out = tmp_path / "run"
+    common = tiny_overrides + [f"train.output_dir={out}", "train.validation_every=0"]
+    accelerate(common + ["train.max_steps=2", "train.checkpointing_steps=1"])  # writes checkpoint-1
+    config_before, model_before = (out / "config.yaml").read_bytes(), weights(out / "model")
+    proc = subprocess.run([sys.executable, TRAIN] + common + ["train.max_steps=3", "train.resume_from_checkpoint=latest", override],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
+    assert last.startswith("error: ValueError: resume_from_checkpoint:") and message in last, proc.stderr[-2000:]
+    assert (out / "config.yaml").read_bytes() == config_before  # the folder still describes the run that made it
+    after = weights(out / "model")
+    assert all(torch.equal(model_before[k], after[k]) for k in model_before)

@@ -61,6 +61,22 @@ def read_step(checkpoint: Path) -> int:
     return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
 
 
+def check_fits(saved: dict, current: dict, folder: Path) -> None:
+    """Raise a one-line ``ValueError`` naming the first weight of ``folder`` that the configured model lacks or
+    holds in another shape (a checkpoint made with a different model config)."""
+    hint = "resume with the model config the checkpoint was made with"
+    for key in sorted(set(saved) | set(current)):
+        if key not in current:
+            raise ValueError(f"resume_from_checkpoint: '{key}' is in '{folder}' but not in this config's model; {hint}")
+        if key not in saved:
+            raise ValueError(f"resume_from_checkpoint: '{key}' of this config's model is not in '{folder}'; {hint}")
+        if saved[key].shape != current[key].shape:
+            raise ValueError(
+                f"resume_from_checkpoint: '{key}' is {list(saved[key].shape)} in '{folder}' but "
+                f"{list(current[key].shape)} in this config's model; {hint}"
+            )
+
+
 def register_hooks(accelerator: Accelerator) -> None:
     """Save the trainable modules as ``unet/`` and ``text_encoder/`` ``save_pretrained`` folders."""
 
@@ -77,8 +93,10 @@ def register_hooks(accelerator: Accelerator) -> None:
         while models:
             module = accelerator.unwrap_model(models.pop())
             unet = DualStreamUNet.from_pretrained(Path(input_dir) / "unet")
+            check_fits(unet.state_dict(), module.unet.state_dict(), Path(input_dir) / "unet")
             module.unet.load_state_dict(unet.state_dict())
             text_encoder = type(module.text_encoder).from_pretrained(Path(input_dir) / "text_encoder")
+            check_fits(text_encoder.state_dict(), module.text_encoder.state_dict(), Path(input_dir) / "text_encoder")
             module.text_encoder.load_state_dict(text_encoder.state_dict())
 
     accelerator.register_save_state_pre_hook(save_hook)

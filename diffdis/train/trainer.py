@@ -190,6 +190,17 @@ def export_model(components, module: DiffDisModule, cfg, out_dir: Path, ema: Opt
     return out_dir
 
 
+def _load_checkpoint(accelerator, checkpoint: Path) -> None:
+    """``accelerator.load_state`` with a one-line error when the checkpoint does not fit the configured run."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except ValueError as err:
+        if str(err).startswith("resume_from_checkpoint"):  # the load hook's own message (checkpoint.check_fits)
+            raise
+        raise ValueError(f"resume_from_checkpoint: '{checkpoint}' does not fit this run's optimiser or state ({err}); "
+                         "resume with the config the checkpoint was made with") from err
+
+
 def train(cfg) -> Path:
     """Train DiffDis as configured; returns the final model folder."""
     accelerator = make_accelerator(cfg)
@@ -198,8 +209,9 @@ def train(cfg) -> Path:
     set_seed(t.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     resume = resolve_resume(out, t.resume_from_checkpoint)
+    if t.resume_from_checkpoint == "latest" and resume is None:
+        logger.warning(f"resume_from_checkpoint=latest: no checkpoint in {out}; training from step 0", main_process_only=True)
 
     train_set = load_split(cfg.data, cfg.data.split, num_samples=cfg.data.num_train_samples)
     captions = None if cfg.model.pretrained or (out / "tokenizer" / "tokenizer.json").is_file() else caption_corpus(train_set)
@@ -247,17 +259,19 @@ def train(cfg) -> Path:
     if t.eval_every > 0:
         with accelerator.main_process_first():  # the main process trains and caches the reference classifier if absent
             evaluator = TrainingEvaluator.from_config(cfg, accelerator)
-    if accelerator.is_main_process and t.report_to != "none":
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
-        accelerator.init_trackers("diffdis", config=flat)
-
     global_step = 0
     if resume is not None:
-        accelerator.load_state(str(resume))
+        _load_checkpoint(accelerator, resume)
         global_step = read_step(resume)
         logger.info(f"resumed from {resume} at step {global_step}", main_process_only=True)
         if plan.total != t.max_steps:  # a time-fitted plan made before the checkpoint
             rebuild_lr_schedule(lr_scheduler, t.lr_scheduler, t.lr_warmup_steps, plan.total, accelerator.num_processes)
+    if accelerator.is_main_process:  # only now: a checkpoint that does not fit leaves the folder's config as it was
+        save_config(cfg, out / "config.yaml")
+    if accelerator.is_main_process and t.report_to != "none":
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+        accelerator.init_trackers("diffdis", config=flat)
+
     steps_per_epoch = None if iterable else len(loader) // t.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError(f"the training set has fewer than {t.batch_size * accelerator.num_processes} examples: lower train.batch_size")
