@@ -326,6 +326,17 @@ def test_sample_cli_errors(tmp_path, pixel_model_dir, capsys, extra, message):
     assert not (tmp_path / "settings.json").exists()
 
 
+def test_sample_cli_names_a_prompts_file_it_cannot_read(tmp_path, pixel_model_dir, capsys):
+    import sample
+
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(bytes([0xFF, 0xFE, 0x00, 0x81]) * 8)
+    for path, message in ((tmp_path, "is not a regular file"), (binary, "is not UTF-8 text")):
+        assert sample.main([str(pixel_model_dir), "--out", str(tmp_path / "out"), "--prompts-file", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error:") and message in err and str(path) in err
+
+
 def test_sample_cli_rejects_non_model_folder(tmp_path, capsys):
     import sample
 

@@ -66,8 +66,11 @@ def read_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> List[st
     if prompts_file:
         path = Path(prompts_file)
         if not path.is_file():
-            raise ValueError(f"prompts file {path} does not exist")
-        lines = [line.strip() for line in path.read_text().splitlines()]
+            raise ValueError(f"prompts file {path} " + ("is not a regular file" if path.exists() else "does not exist"))
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise ValueError(f"prompts file {path} is not UTF-8 text (one prompt per line)") from None
         out += [line for line in lines if line and not line.startswith("#")]
     if not out or any(not p.strip() for p in out):
         raise ValueError("no prompts given (use --prompt or --prompts-file; prompts must not be empty)")
