@@ -398,14 +398,14 @@ def _interleaved_seconds(
 
 def _as_fusion(unet, fusion: str):
     """A copy of ``unet`` with another fusion mode and the same weights (fusion adds no parameters)."""
-    from ..models.dual_stream_unet import DualStreamUNet
+    from ..models.dual_stream_unet import DualStreamUNet, move_like
 
     if unet.config.fusion == fusion:
         return unet
     config = {k: v for k, v in unet._internal_dict.items() if not k.startswith("_")}
     other = DualStreamUNet(**{**config, "fusion": fusion})
     other.load_state_dict(unet.state_dict())
-    return other.to(device=unet.device, dtype=unet.dtype).eval()
+    return move_like(other, unet.device, unet.dtype).eval()
 
 
 def benchmark_zeroshot(

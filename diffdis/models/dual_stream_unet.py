@@ -22,6 +22,13 @@ def _clean_unet_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
+def move_like(model: ModelMixin, device: torch.device, dtype: torch.dtype) -> ModelMixin:
+    """``model`` on ``device`` in ``dtype``, casting only when the dtype changes (diffusers' ``ModelMixin.to``
+    warns about float32 modules on every dtype argument, even a float32 model's cast to float32)."""
+    model = model.to(device)
+    return model if model.dtype == dtype else model.to(dtype=dtype)
+
+
 class DualStreamUNet(ModelMixin, ConfigMixin):
     """The DiffDis dual-stream UNet.
 
@@ -89,13 +96,13 @@ class DualStreamUNet(ModelMixin, ConfigMixin):
         model = cls(unet_config=_clean_unet_config(unet.config), **kwargs)
         model.unet.load_state_dict(unet.state_dict())
         model.initialize_weights()
-        return model.to(device=unet.device, dtype=unet.dtype)
+        return move_like(model, unet.device, unet.dtype)
 
     def to_unet2d(self) -> UNet2DConditionModel:
         """The generative branch as a stand-alone vanilla ``UNet2DConditionModel`` (a copy)."""
         unet = UNet2DConditionModel.from_config(_clean_unet_config(self.unet.config))
         unet.load_state_dict(self.unet.state_dict())
-        return unet.to(device=self.device, dtype=self.dtype)
+        return move_like(unet, self.device, self.dtype)
 
     @property
     def config(self) -> FrozenDict:
