@@ -292,6 +292,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
         first = str(err).splitlines()[0]
         raise ConfigError(f"invalid config key '{key}' ({file.name}): {first}") from None
+    if cfg.train.mixed_precision == "False":  # YAML 1.1 reads a bare `no` as false, which the str field keeps as "False"
+        cfg.train.mixed_precision = "no"
     _validate(cfg)
     return cfg
 

@@ -62,22 +62,29 @@ def tiny_tokenizer(words: Sequence[str] = TINY_WORDS, max_length: int = MAX_LENG
 
 
 def tiny_clip_tokenizer(folder: Path, words: Sequence[str] = TINY_WORDS, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
-    """A ``CLIPTokenizer`` from a vocab/merges pair written to ``folder`` (whole words, no merges)."""
+    """A ``CLIPTokenizer`` loaded from a vocab/merges pair written to ``folder``.
+
+    Each word of ``words`` gets the BPE merges that build it, as in a real CLIP vocabulary (most encode as one
+    token; a word can split where another word's merge ranks first); other words fall back to single characters.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for word in words:
-        vocab.setdefault(word + "</w>", len(vocab))
-    for ch in sorted({c for w in words for c in w}):  # single characters so unknown words still encode
+    for ch in sorted({c for w in words for c in w}):  # single characters, so that unknown words still encode
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
+    merges = []
+    for word in words:  # "red": r + e -> re, re + d</w> -> red</w>
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        piece = symbols[0]
+        for symbol in symbols[1:]:
+            merge = f"{piece} {symbol}"
+            if merge not in merges:
+                merges.append(merge)
+            piece += symbol
+            vocab.setdefault(piece, len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"),
-        merges_file=str(folder / "merges.txt"),
-        model_max_length=max_length,
-        pad_token="!",
-    )
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length, pad_token="!")
 
 
 def _text_config(tokenizer, hidden: int = CONTEXT_DIM) -> CLIPTextConfig:
@@ -169,3 +176,34 @@ def free_port() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return str(sock.getsockname()[1])
+
+
+SD_WORDS = TINY_WORDS + (
+    "diamond", "cross", "ring", "magenta", "cyan", "picture", "image", "rendering", "shape", "coloured", "and", "with",
+    "in", "at", "middle", "centre", "center", "big", "little", "is", "there", "one", "object", "background", "black",
+    "white",
+)
+
+
+def save_tiny_stable_diffusion(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny Stable Diffusion 1.x folder (what ``model.pretrained`` points at) and return it.
+
+    The layout is SD-1.x's: ``unet/`` (a ``UNet2DConditionModel`` on 4-channel latents), ``vae/`` (an
+    ``AutoencoderKL``, factor 2), ``text_encoder/`` (a ``CLIPTextModel`` without projection, as SD-1.x's),
+    ``tokenizer/`` (a ``CLIPTokenizer`` of more than 100 tokens) and ``scheduler/`` (SD's DDIM settings).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = tiny_clip_tokenizer(folder / "tokenizer", words=SD_WORDS)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(tokenizer, with_projection=False, seed=seed),
+        tokenizer=tokenizer,
+        unet=tiny_unet(in_channels=4, sample_size=8, seed=seed),
+        scheduler=sd_like_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder

@@ -47,3 +47,14 @@ def test_save_round_trip(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(str(tmp_path / "c.yaml"))
     assert again == cfg
+
+
+def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
+    """YAML reads a bare `no` as false; `train.mixed_precision=no` (command line or file) must still mean "no"."""
+    assert load_config("sd15", ["data.name=embedded", "train.mixed_precision=no"]).train.mixed_precision == "no"
+    file = tmp_path / "fp32.yaml"
+    file.write_text("data:\n  name: embedded\ntrain:\n  mixed_precision: no\n")
+    assert load_config(str(file)).train.mixed_precision == "no"
+    assert load_config("sd15", ["data.name=embedded"]).train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(None, ["train.mixed_precision=yes"])

@@ -133,7 +133,9 @@ def test_context_is_last_hidden_state_with_projection_encoder():
 
 def test_works_with_a_clip_tokenizer(tmp_path):
     components = tiny_components()
-    components["tokenizer"] = tiny_clip_tokenizer(tmp_path / "tok")
+    components["tokenizer"] = tok = tiny_clip_tokenizer(tmp_path / "tok")
+    ids = tok("a red circle").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>"]
     components["text_encoder"] = tiny_text_encoder(components["tokenizer"])
     pipe = DiffDisPipeline(**components)
     pipe.set_progress_bar_config(disable=True)

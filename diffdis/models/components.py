@@ -163,6 +163,21 @@ def vae_scale_factor(vae: Optional[ModelMixin]) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def load_scheduler_config(path: str, revision: Optional[str] = None) -> dict:
+    """The ``scheduler/`` config of a pretrained folder or hub id, or ``{}`` (logged) where it has none.
+
+    Its inference settings (``steps_offset``, ``timestep_spacing``, ...) are what the pipelines built from the
+    checkpoint sample with; :func:`diffdis.train.build.build_noise_scheduler` keeps them in the saved model.
+    """
+    from diffusers import DDPMScheduler
+
+    try:
+        return dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError) as err:
+        logger.info("no scheduler config in '%s' (%s): the noise section of the config alone sets the scheduler", path, err)
+        return {}
+
+
 def load_unet(path: str, revision: Optional[str] = None) -> UNet2DConditionModel:
     """Load a plain diffusers UNet (``unet/`` subfolder)."""
     try:

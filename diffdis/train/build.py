@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..models.components import (
     ComponentError,
     build_text_encoder,
     build_unet,
+    load_scheduler_config,
     load_text_encoder,
     load_tokenizer,
     load_unet,
@@ -64,17 +66,26 @@ def caption_corpus(dataset) -> Iterable[str]:
         yield from ([caps] if isinstance(caps, str) else [c for c in caps if isinstance(c, str)])
 
 
-def build_noise_scheduler(cfg) -> DDPMScheduler:
-    """The DDPM noise scheduler of training, from the config's ``noise`` section."""
+def build_noise_scheduler(cfg, base: Optional[dict] = None) -> DDPMScheduler:
+    """The DDPM noise scheduler of training, from the config's ``noise`` section.
+
+    Args:
+        base: a pretrained checkpoint's scheduler config; its other settings (SD-1.x's ``steps_offset=1``, say)
+            are kept, so that the saved model samples and exports as the checkpoint it was tuned from.
+    """
     n = cfg.noise
-    return DDPMScheduler(
+    accepted = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    settings = {k: v for k, v in (base or {}).items() if k in accepted}
+    settings.update(
         num_train_timesteps=n.num_train_timesteps,
         beta_schedule=n.beta_schedule,
         beta_start=n.beta_start,
         beta_end=n.beta_end,
         prediction_type=n.prediction_type,
+        trained_betas=None,
         clip_sample=False,
     )
+    return DDPMScheduler(**settings)
 
 
 def _unet_kwargs(cfg) -> dict:
@@ -96,7 +107,7 @@ def build_components(cfg, captions: Optional[Iterable[str]] = None, tokenizer_di
         vae = load_vae(m.pretrained, m.revision) if m.use_vae else None
         base = load_unet(m.pretrained, m.revision)
         unet = DualStreamUNet.from_unet(base, text_dim=text_query_dim(text_encoder), **_unet_kwargs(cfg))
-        scheduler = build_noise_scheduler(cfg)
+        scheduler = build_noise_scheduler(cfg, load_scheduler_config(m.pretrained, m.revision))
         return Components(tokenizer, text_encoder, unet, scheduler, vae)
     if m.use_vae:
         raise ConfigError("model.use_vae=true needs model.pretrained (a folder or hub id with a vae/ subfolder)")
