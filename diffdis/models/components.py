@@ -174,7 +174,7 @@ def load_scheduler_config(path: str, revision: Optional[str] = None) -> dict:
     try:
         return dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
     except (OSError, ValueError) as err:
-        logger.info("no scheduler config in '%s' (%s): the noise section of the config alone sets the scheduler", path, err)
+        logger.warning("no scheduler config in '%s' (%s): the noise section of the config alone sets the scheduler", path, err)
         return {}
 
 
