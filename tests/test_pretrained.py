@@ -4,6 +4,8 @@ before any training (zero-init, end to end), fine-tunes with the sd15 config, an
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from helpers_tiny import save_tiny_stable_diffusion
-from test_train import accelerate
+from test_train import TRAIN, _env, accelerate
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffdis.config import load_config
@@ -51,23 +53,28 @@ def test_sd_weights_in_dual_stream_unet_generate_like_vanilla_diffusers(sd_folde
     assert np.abs(a - b).max() < 1e-4
 
 
-def test_a_folder_without_unet_is_a_clear_error(sd_folder, tmp_path):
-    from diffdis.models.components import ComponentError
+def _partial_copy(sd_folder: Path, dest: Path, subfolders) -> Path:
+    """``dest`` holding only ``subfolders`` of the tiny SD folder (as links)."""
+    dest.mkdir()
+    for sub in subfolders:
+        os.symlink(sd_folder / sub, dest / sub)
+    return dest
 
-    broken = tmp_path / "sd"
-    broken.mkdir()
-    for sub in ("tokenizer", "text_encoder", "vae"):
-        os.symlink(sd_folder / sub, broken / sub)
-    cfg = load_config("sd15", [f"model.pretrained={broken}", "data.name=embedded"])
-    with pytest.raises(ComponentError, match="cannot load UNet"):
-        build_components(cfg)
+
+def test_a_folder_without_unet_is_a_one_line_error_and_writes_nothing(sd_folder, tmp_path):
+    broken = _partial_copy(sd_folder, tmp_path / "sd", ("tokenizer", "text_encoder", "vae", "scheduler"))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, TRAIN, "--config", "sd15", f"model.pretrained={broken}", "data.name=embedded",
+                           "data.resolution=16", "train.mixed_precision=no", f"train.output_dir={out}"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
+    assert last.startswith("error: ComponentError: cannot load UNet from"), proc.stderr[-2000:]
+    assert not out.exists()
 
 
 def test_a_folder_without_scheduler_takes_the_config_noise_section(sd_folder, tmp_path):
-    partial = tmp_path / "sd"
-    partial.mkdir()
-    for sub in ("tokenizer", "text_encoder", "vae", "unet"):
-        os.symlink(sd_folder / sub, partial / sub)
+    partial = _partial_copy(sd_folder, tmp_path / "sd", ("tokenizer", "text_encoder", "vae", "unet"))
     cfg = load_config("sd15", [f"model.pretrained={partial}", "data.name=embedded", "noise.prediction_type=v_prediction"])
     scheduler = build_components(cfg).noise_scheduler
     assert scheduler.config.steps_offset == 0 and scheduler.config.prediction_type == "v_prediction"

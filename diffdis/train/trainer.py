@@ -207,8 +207,6 @@ def train(cfg) -> Path:
     t = cfg.train
     out = Path(t.output_dir)
     set_seed(t.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
     resume = resolve_resume(out, t.resume_from_checkpoint)
     if t.resume_from_checkpoint == "latest" and resume is None:
         logger.warning(f"resume_from_checkpoint=latest: no checkpoint in {out}; training from step 0", main_process_only=True)
@@ -216,8 +214,10 @@ def train(cfg) -> Path:
     train_set = load_split(cfg.data, cfg.data.split, num_samples=cfg.data.num_train_samples)
     captions = None if cfg.model.pretrained or (out / "tokenizer" / "tokenizer.json").is_file() else caption_corpus(train_set)
     components = build_components(cfg, captions, tokenizer_dir=out / "tokenizer")
-    if accelerator.is_main_process and not cfg.model.pretrained:
-        components.tokenizer.save_pretrained(out / "tokenizer")
+    if accelerator.is_main_process:  # only now: bad data or weights leave no output folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.model.pretrained:
+            components.tokenizer.save_pretrained(out / "tokenizer")
     _freeze(cfg, components)
     module = DiffDisModule(components.unet, components.text_encoder, components.noise_scheduler, StepOptions.from_config(cfg.loss))
     _configure_speed(cfg, module)
