@@ -114,7 +114,8 @@ class DataConfig:
     caption_column: str = "text"  # with the default, "caption" and "txt" are also tried
     data_dir: Optional[str] = None
     data_files: Optional[List[str]] = None  # webdataset shards or other files
-    streaming: bool = False
+    streaming: bool = False  # iterate without downloading or loading it whole; split across processes by shard, endless (epochs one after another)
+    shuffle_buffer: int = 1000  # streaming: examples in the seeded shuffle buffer (reshuffled each epoch); 0 keeps the stream's order
     resolution: int = 16
     num_train_samples: Optional[int] = None  # embedded: images in the train split
     center_crop: bool = True

@@ -97,12 +97,13 @@ def _rename(dataset: AnyDataset, source: str, target: str, existing: list[str]) 
     return dataset.rename_column(source, target)
 
 
-def _undecoded_images(dataset: AnyDataset) -> AnyDataset:
-    """Cast "image" to Image(decode=False), so decoding (and skipping corrupt files) happens
-    in the collator; left as is where the feature is unknown or not an image."""
+def _undecoded_images(dataset: AnyDataset, column: str) -> AnyDataset:
+    """Cast ``column`` to Image(decode=False), so decoding (and replacing corrupt files) happens in the
+    collator; left as is where the feature is unknown or not an image. Done before any rename: a streamed
+    dataset's rename is a map that would decode (and fail on) every image first."""
     features = dataset.features
-    if features is not None and isinstance(features.get("image"), datasets.Image):
-        return dataset.cast_column("image", datasets.Image(decode=False))
+    if features is not None and isinstance(features.get(column), datasets.Image):
+        return dataset.cast_column(column, datasets.Image(decode=False))
     return dataset
 
 
@@ -162,6 +163,6 @@ def load_image_text_dataset(
     caption_source = _resolve_column(
         caption_column, _DEFAULT_CAPTION_COLUMN, _CAPTION_ALIASES, existing, "caption", name
     )
+    dataset = _undecoded_images(dataset, image_source)
     dataset = _rename(dataset, image_source, "image", existing)
-    dataset = _rename(dataset, caption_source, "caption", _column_names(dataset))
-    return _undecoded_images(dataset)
+    return _rename(dataset, caption_source, "caption", _column_names(dataset))

@@ -193,23 +193,36 @@ class ImageTextCollator:
         if self.num_skipped == 1 or self.num_skipped % _LOG_EVERY == 0:
             logger.warning("skipped an example (%s); %d skipped so far", reason, self.num_skipped)
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-        pixels, options = [], []
-        for example in examples:
-            opts = self._options(example)
-            if not opts:
-                self._skip("empty caption")
-                continue
-            image = decode_image(example.get("image"))
-            if image is None:
-                self._skip("unreadable image")
-                continue
-            image = resize_and_crop(image, self.resolution, self.center_crop, self.random_flip, self.generator)
-            pixels.append(to_pixel_values(image))
-            options.append(opts)
-        if not options:
+    def prepare(self, example: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Decode one raw example: ``{"pixel_values": (3, H, W), "caption_options": [str, ...]}``,
+        or None (counted in ``num_skipped``) when its caption is empty or its image unreadable."""
+        opts = self._options(example)
+        if not opts:
+            self._skip("empty caption")
             return None
-        batch: dict[str, Any] = {"pixel_values": torch.stack(pixels).contiguous()}  # (B, 3, H, W)
+        image = decode_image(example.get("image"))
+        if image is None:
+            self._skip("unreadable image")
+            return None
+        image = resize_and_crop(image, self.resolution, self.center_crop, self.random_flip, self.generator)
+        return {"pixel_values": to_pixel_values(image), "caption_options": opts}
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+        """Collate raw examples (unusable ones dropped) or examples already ``prepare``-d.
+
+        Prepared examples may carry ``num_replaced`` (unusable examples met and replaced before them,
+        see :mod:`diffdis.data.replacing`) and ``stream_state``; the batch sums the first and keeps
+        the last of the second.
+        """
+        prepared = [e if "pixel_values" in e else self.prepare(e) for e in examples]
+        prepared = [e for e in prepared if e is not None]
+        if not prepared:
+            return None
+        batch: dict[str, Any] = {"pixel_values": torch.stack([e["pixel_values"] for e in prepared]).contiguous()}  # (B, 3, H, W)
+        batch["num_replaced"] = sum(int(e.get("num_replaced", 0)) for e in prepared)
+        if "stream_state" in prepared[-1]:
+            batch["stream_state"] = prepared[-1]["stream_state"]
+        options = [e["caption_options"] for e in prepared]
         if self.defer_choice:
             batch["caption_options"] = options
             return batch

@@ -36,6 +36,51 @@ class GeneratorState:
         self.generator.set_state(state["state"])
 
 
+class PerProcessState:
+    """Checkpoints an object whose state differs per process (a generator, a stream position).
+
+    ``Accelerator.register_for_checkpointing`` writes custom objects from the main process only, so a plain
+    registration would resume every process with the main process's state. ``state_dict`` (called on every
+    process by ``save_state``) gathers all processes' states; ``load_state_dict`` takes this process's own.
+    """
+
+    def __init__(self, obj, accelerator: Accelerator, name: str):
+        self.obj = obj
+        self.accelerator = accelerator
+        self.name = name
+
+    def state_dict(self) -> dict:
+        from accelerate.utils import gather_object
+
+        states = gather_object([self.obj.state_dict()]) if self.accelerator.num_processes > 1 else [self.obj.state_dict()]
+        return {"per_process": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "per_process" not in state:  # a checkpoint from before per-process states: the main process's state
+            self.obj.load_state_dict(state)
+            return
+        states, n = state["per_process"], self.accelerator.num_processes
+        if len(states) != n:
+            raise ValueError(
+                f"resume_from_checkpoint: the checkpoint's {self.name} state is from {len(states)} processes, this run has {n}; "
+                "resume with the number of processes the checkpoint was made with"
+            )
+        self.obj.load_state_dict(states[self.accelerator.process_index])
+
+
+class Counter:
+    """A checkpointable count (unusable examples replaced in this process)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = int(state["value"])
+
+
 def list_checkpoints(output_dir: Path) -> List[Path]:
     """Complete checkpoints (``checkpoint-N``, no temporary ones), oldest first."""
     if not output_dir.is_dir():

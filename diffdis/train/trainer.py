@@ -18,13 +18,15 @@ from accelerate.utils import broadcast as accelerate_broadcast
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, IterableDataset
+import datasets
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import save_config
+from ..data.replacing import DataError, ExampleStream, ReplacingDataset, StreamPosition
 from ..data.transforms import choose_captions, tokenize
 from .build import build_components, build_optimizer, caption_corpus, load_split, make_collator
-from .checkpoint import GeneratorState, read_step, register_hooks, resolve_resume, save_checkpoint
+from .checkpoint import Counter, GeneratorState, PerProcessState, read_step, register_hooks, resolve_resume, save_checkpoint
 from .evaluation import TrainingEvaluator
 from .history import History
 from .module import DiffDisModule, StepOptions
@@ -214,6 +216,9 @@ def train(cfg) -> Path:
     train_set = load_split(cfg.data, cfg.data.split, num_samples=cfg.data.num_train_samples)
     captions = None if cfg.model.pretrained or (out / "tokenizer" / "tokenizer.json").is_file() else caption_corpus(train_set)
     components = build_components(cfg, captions, tokenizer_dir=out / "tokenizer")
+    collate = make_collator(cfg, components.tokenizer, defer_choice=True)
+    iterable = isinstance(train_set, datasets.IterableDataset)
+    check_usable(accelerator, train_set, collate.prepare, iterable)
     if accelerator.is_main_process:  # only now: bad data or weights leave no output folder behind
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.model.pretrained:
@@ -227,11 +232,12 @@ def train(cfg) -> Path:
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed * 1000 + accelerator.process_index)
     # captions are drawn in the step from the checkpointed generator (see ImageTextCollator.defer_choice);
     # random crops/flips (off for the embedded data) use the global RNG and are not bit-exact on resume
-    collate = make_collator(cfg, components.tokenizer, defer_choice=True)
-    iterable = isinstance(train_set, IterableDataset) or not hasattr(train_set, "__len__")
-    loader = DataLoader(
-        train_set, batch_size=t.batch_size, shuffle=not iterable, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers
-    )
+    loader = None
+    if not iterable:  # unusable examples are replaced by seeded draws, so every process's batch keeps its size
+        examples = ReplacingDataset(train_set, collate.prepare, seed=t.seed)
+        loader = DataLoader(
+            examples, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers
+        )
     optimizer = build_optimizer(cfg, module.unet, module.text_encoder)
     lr_scheduler = get_scheduler(
         t.lr_scheduler,
@@ -239,16 +245,23 @@ def train(cfg) -> Path:
         num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=t.max_steps * accelerator.num_processes,
     )
-    module, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
+    if loader is not None:
+        module, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
+    else:  # a stream is split per process by ExampleStream itself, not dispatched from the main process
+        module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
     ema = None
     if t.ema.use:
         e = t.ema
         ema = EMAModel(accelerator.unwrap_model(module).parameters(), decay=e.decay, use_ema_warmup=e.warmup, inv_gamma=e.inv_gamma, power=e.power)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    accelerator.register_for_checkpointing(GeneratorState(generator))
+    accelerator.register_for_checkpointing(PerProcessState(GeneratorState(generator), accelerator, "generator"))
     plan = StepPlan(t.max_steps, t.max_minutes)
     accelerator.register_for_checkpointing(plan)
+    replaced = Counter()  # unusable examples met (and replaced) by this process
+    position = StreamPosition()  # streaming: where this process's trained batches stopped
+    accelerator.register_for_checkpointing(PerProcessState(replaced, accelerator, "replaced-examples"))
+    accelerator.register_for_checkpointing(PerProcessState(position, accelerator, "stream position"))
     register_hooks(accelerator)
 
     empty_ids = components.tokenizer(
@@ -272,6 +285,10 @@ def train(cfg) -> Path:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
         accelerator.init_trackers("diffdis", config=flat)
 
+    if iterable:
+        stream = ExampleStream(train_set, collate.prepare, accelerator.process_index, accelerator.num_processes, seed=t.seed,
+                               shuffle_buffer=cfg.data.shuffle_buffer, start=position.states)
+        loader = DataLoader(stream, batch_size=t.batch_size, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers)
     steps_per_epoch = None if iterable else len(loader) // t.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError(f"the training set has fewer than {t.batch_size * accelerator.num_processes} examples: lower train.batch_size")
@@ -279,21 +296,15 @@ def train(cfg) -> Path:
     logger.info(f"training {sum(p.numel() for p in module.parameters()) / 1e6:.2f} M parameters for {t.max_steps} steps", main_process_only=True)
 
     progress = tqdm(total=plan.total, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
-    epoch = global_step // steps_per_epoch if steps_per_epoch else 0
-    skip = (global_step % steps_per_epoch) * t.gradient_accumulation_steps if steps_per_epoch else global_step * t.gradient_accumulation_steps
+    batches = training_batches(accelerator, loader, steps_per_epoch, global_step, t.gradient_accumulation_steps)
     tic, tic_step = time.perf_counter(), global_step
     start, out_of_time, steps_run = time.perf_counter(), False, 0
     latest: Dict[str, torch.Tensor] = {}
-    while global_step < plan.total and not out_of_time:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        active = accelerator.skip_first_batches(loader, skip) if skip else loader
-        skip = 0
-        for batch in active:
-            if batch is None:
-                continue
+    if global_step < plan.total:  # the batches never end: the loop stops at the planned step or the time budget
+        for batch in batches:
+            replaced.value += int(batch["num_replaced"])
             with accelerator.accumulate(module):
-                latents = _to_latents(components.vae, batch["pixel_values"], generator)
+                latents = _to_latents(components.vae, batch["pixel_values"].to(accelerator.device), generator)
                 captions = choose_captions(batch["caption_options"], generator)
                 input_ids = tokenize(components.tokenizer, captions).to(accelerator.device)
                 losses = module(latents, input_ids, empty_ids, generator, step=global_step)
@@ -304,6 +315,7 @@ def train(cfg) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            position.update(batch.get("stream_state"))
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -327,6 +339,7 @@ def train(cfg) -> Path:
                 elapsed = time.perf_counter() - tic
                 logs = {f"train/{k}": accelerator.reduce(v.float(), reduction="mean").item() for k, v in latest.items()}
                 logs["train/lr"] = lr_scheduler.get_last_lr()[0]
+                logs["train/replaced_examples"] = accelerator.reduce(torch.tensor(float(replaced.value), device=accelerator.device), reduction="sum").item()
                 logs["train/steps_per_s"] = (global_step - tic_step) / max(elapsed, 1e-9)
                 logs["train/images_per_s"] = logs["train/steps_per_s"] * t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps
                 tic, tic_step = time.perf_counter(), global_step
@@ -348,13 +361,13 @@ def train(cfg) -> Path:
                 out_of_time = accelerator.reduce(late, reduction="sum").item() > 0
             if global_step >= plan.total or out_of_time:
                 break
-        epoch += 1
     progress.close()
 
     accelerator.wait_for_everyone()
     # one checksum per process: DDP must keep the replicas identical
     checksum = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(module).parameters()]).sum()
     checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
+    replaced_per_process = [int(v) for v in accelerator.gather(torch.tensor([replaced.value], device=accelerator.device)).tolist()]
     model_dir = out / "model"
     if accelerator.is_main_process:
         export_model(components, accelerator.unwrap_model(module), cfg, model_dir, ema)
@@ -365,13 +378,53 @@ def train(cfg) -> Path:
             "configured_steps": t.max_steps,
             "num_processes": accelerator.num_processes,
             "replica_param_checksums": checksums,
-            "num_skipped_examples": collate.num_skipped,
+            "num_skipped_examples": sum(replaced_per_process),  # unusable examples met, each replaced by a usable one
+            "num_skipped_examples_per_process": replaced_per_process,
             "metrics": history.summary(),
         }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return model_dir
+
+
+def check_usable(accelerator, dataset, prepare, iterable: bool) -> None:
+    """Stop every process with one error when any process's part of the data has no usable example.
+
+    Each process draws its first prepared example (a map-style dataset through :class:`ReplacingDataset`'s
+    draws, a stream through its own part); the outcome is agreed across processes before any training
+    collective, so a process with nothing readable cannot leave the others waiting.
+    """
+    error: Optional[DataError] = None
+    try:
+        if iterable:
+            next(iter(ExampleStream(dataset, prepare, accelerator.process_index, accelerator.num_processes, shuffle_buffer=0)))
+        else:
+            ReplacingDataset(dataset, prepare)[0]
+    except DataError as err:
+        error = err
+    except StopIteration:
+        error = DataError(f"process {accelerator.process_index}'s part of the training stream is empty")
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), reduction="sum").item()
+    if error is not None:
+        raise error
+    if failed:
+        raise DataError(f"{int(failed)} other process(es) found no usable example in their part of the data (see their error)")
+
+
+def training_batches(accelerator, loader, steps_per_epoch: Optional[int], global_step: int, accumulation: int) -> Iterator[dict]:
+    """Batches from ``global_step`` on, epoch after epoch (a map-style loader skips what a resumed run has trained;
+    a stream continues from its own position and never ends)."""
+    if steps_per_epoch is None:
+        yield from loader
+        return
+    epoch, skip = divmod(global_step, steps_per_epoch)
+    skip *= accumulation
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
+        skip, epoch = 0, epoch + 1
 
 
 def _latest_losses(latest: Dict[str, torch.Tensor], losses: Dict[str, torch.Tensor], lambda_ita: float) -> Dict[str, torch.Tensor]:
