@@ -122,6 +122,7 @@ class DataConfig:
     random_flip: bool = False  # flips falsify captions that name positions
     num_workers: int = 0
     seed: int = 0  # seed of the embedded dataset
+    cache_dir: Optional[str] = None  # latent cache of this data and VAE (tools/cache.py; model.use_vae runs only): latents are drawn from stored encodings instead of encoding every batch
 
 
 @dataclass
