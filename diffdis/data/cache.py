@@ -223,11 +223,14 @@ class LatentCacheCollator:
     Args:
         caption_key: column with one caption (or a list) per example.
         captions_key: optional column with every phrasing, preferred where present and non-empty.
+        deterministic: the cache's VAE distribution is deterministic (manifest ``deterministic``); passed on in
+            every batch as ``deterministic`` for :func:`sample_latents`.
     """
 
-    def __init__(self, caption_key: str = "caption", captions_key: str | None = "captions") -> None:
+    def __init__(self, caption_key: str = "caption", captions_key: str | None = "captions", deterministic: bool = False) -> None:
         self.caption_key = caption_key
         self.captions_key = captions_key
+        self.deterministic = deterministic
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {
@@ -235,6 +238,7 @@ class LatentCacheCollator:
             "latent_std": torch.stack([torch.as_tensor(e["std"]) for e in examples]),  # (B, C, h, w)
             "index": torch.as_tensor([int(e["index"]) for e in examples], dtype=torch.long),  # (B,)
             "caption_options": [_example_options(e, self.caption_key, self.captions_key) for e in examples],
+            "deterministic": self.deterministic,
         }
 
 

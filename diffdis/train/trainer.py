@@ -78,6 +78,27 @@ def _freeze(cfg, components) -> None:
             p.requires_grad_(False)
 
 
+def open_latent_cache(cfg, vae):
+    """The rows of ``data.cache_dir`` (checked against this run's VAE and data settings) and their collator."""
+    from ..data.cache import LatentCacheCollator, load_latent_cache, manifest_for_config, read_manifest
+
+    if vae is None:
+        raise ValueError("data.cache_dir needs a model with an autoencoder (model.use_vae=true or model.patch_size > 1)")
+    rows = load_latent_cache(cfg.data.cache_dir, manifest_for_config(cfg, vae))
+    return rows, LatentCacheCollator(deterministic=bool(read_manifest(cfg.data.cache_dir)["deterministic"]))
+
+
+def batch_latents(batch: dict, vae, generator: torch.Generator, device) -> torch.Tensor:
+    """The scaled latents (B, C, h, w) of a batch: encoded from its pixels, or drawn from a latent cache's stored
+    distribution (the same draw from ``generator`` as encoding would make)."""
+    if "latent_mean" not in batch:
+        return _to_latents(vae, batch["pixel_values"].to(device), generator)
+    from ..data.cache import sample_latents
+
+    mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)  # (B, C, h, w)
+    return sample_latents(mean, std, vae.config.scaling_factor, generator, deterministic=bool(batch["deterministic"]))
+
+
 def _to_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if vae is None:
         return pixel_values  # pixel space
@@ -213,12 +234,18 @@ def train(cfg) -> Path:
     if t.resume_from_checkpoint == "latest" and resume is None:
         logger.warning(f"resume_from_checkpoint=latest: no checkpoint in {out}; training from step 0", main_process_only=True)
 
-    train_set = load_split(cfg.data, cfg.data.split, num_samples=cfg.data.num_train_samples)
-    captions = None if cfg.model.pretrained or (out / "tokenizer" / "tokenizer.json").is_file() else caption_corpus(train_set)
+    cached = bool(cfg.data.cache_dir)  # latents encoded once by tools/cache.py
+    train_set = None if cached else load_split(cfg.data, cfg.data.split, num_samples=cfg.data.num_train_samples)
+    tokenizer_saved = (out / "tokenizer" / "tokenizer.json").is_file()
+    captions = None if cfg.model.pretrained or tokenizer_saved or cached else caption_corpus(train_set)
     components = build_components(cfg, captions, tokenizer_dir=out / "tokenizer")
-    collate = make_collator(cfg, components.tokenizer, defer_choice=True)
+    if cached:
+        train_set, collate = open_latent_cache(cfg, components.vae)
+    else:
+        collate = make_collator(cfg, components.tokenizer, defer_choice=True)
     iterable = isinstance(train_set, datasets.IterableDataset)
-    check_usable(accelerator, train_set, collate.prepare, iterable)
+    if not cached:
+        check_usable(accelerator, train_set, collate.prepare, iterable)
     if accelerator.is_main_process:  # only now: bad data or weights leave no output folder behind
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.model.pretrained:
@@ -234,7 +261,7 @@ def train(cfg) -> Path:
     # random crops/flips (off for the embedded data) use the global RNG and are not bit-exact on resume
     loader = None
     if not iterable:  # unusable examples are replaced by seeded draws, so every process's batch keeps its size
-        examples = ReplacingDataset(train_set, collate.prepare, seed=t.seed)
+        examples = train_set if cached else ReplacingDataset(train_set, collate.prepare, seed=t.seed)
         loader = DataLoader(
             examples, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers
         )
@@ -302,9 +329,9 @@ def train(cfg) -> Path:
     latest: Dict[str, torch.Tensor] = {}
     if global_step < plan.total:  # the batches never end: the loop stops at the planned step or the time budget
         for batch in batches:
-            replaced.value += int(batch["num_replaced"])
+            replaced.value += int(batch.get("num_replaced", 0))
             with accelerator.accumulate(module):
-                latents = _to_latents(components.vae, batch["pixel_values"].to(accelerator.device), generator)
+                latents = batch_latents(batch, components.vae, generator, accelerator.device)
                 captions = choose_captions(batch["caption_options"], generator)
                 input_ids = tokenize(components.tokenizer, captions).to(accelerator.device)
                 losses = module(latents, input_ids, empty_ids, generator, step=global_step)
