@@ -16,7 +16,9 @@ standard 2048-d Inception features (optional `fid` extra). For real-scale runs, 
 takes an imagefolder with a metadata.jsonl of {"file_name", "text" or "caption"} (e.g. COCO-30k: 30k captions and
 their images) and --preset coco30k sets 30,000 images and Inception features.
 Prompt adherence: share of images generated from "a {colour} {shape}" (every combination) whose
-shape and colour the reference classifier recognises. Generation work is sharded across processes.
+shape and colour the reference classifier recognises. Generation work is sharded across processes;
+FID and adherence are per-process running sums (feature sums, match counts) added over processes, so
+neither the generated nor the real images are kept or gathered (memory does not grow with the set).
 """
 
 from __future__ import annotations
@@ -93,9 +95,14 @@ def _sizes(args) -> Tuple[int, int, int, int]:
     return sizes
 
 
-def fid_reference(args, num: int, resolution: int) -> Tuple[List[str], torch.Tensor, str]:
-    """(captions, real uint8 images (N, 3, R, R), reference name) of the FID reference set."""
-    from diffdis.data.transforms import resize_and_crop
+def fid_reference(args, num: int, resolution: int) -> Tuple[List[str], "LazyImages", str]:
+    """(captions, real images, reference name) of the FID reference set.
+
+    The real images are a :class:`~diffdis.eval.suite.LazyImages`: sliced like a uint8 (N, 3, R, R)
+    tensor, but read only when (and where) a batch is needed, so a 30k-image reference set is never
+    held in memory, and not read at all when its statistics are cached.
+    """
+    from diffdis.eval.suite import LazyImages
 
     if args.fid_reference:
         folder = Path(args.fid_reference)
@@ -105,26 +112,41 @@ def fid_reference(args, num: int, resolution: int) -> Tuple[List[str], torch.Ten
         rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()][:num]
         if any("file_name" not in r or not isinstance(r.get("text", r.get("caption")), str) for r in rows):
             raise CliError(f"{meta}: every line needs 'file_name' and a 'text' (or 'caption') string")
-        from PIL import Image
-
-        images = []
-        for r in rows:
-            try:
-                images.append(resize_and_crop(Image.open(folder / r["file_name"]).convert("RGB"), resolution))
-            except OSError as err:
-                raise CliError(f"cannot read reference image {folder / r['file_name']}: {err}") from None
+        paths = [folder / r["file_name"] for r in rows]
+        for path in paths:  # headers only: every process fails here, before any of them starts a collective
+            _open_reference_image(path).close()
         captions, name = [r.get("text", r.get("caption")) for r in rows], f"{folder.name}-r{resolution}"
+        real = LazyImages(lambda i: _reference_image(paths[i], resolution), len(paths))
     else:
         from diffdis.data.embedded import make_embedded_dataset
 
         ds = make_embedded_dataset("test", num, resolution=resolution)
-        captions, images, name = list(ds["caption"]), [im.convert("RGB") for im in ds["image"]], f"embedded-test-r{resolution}"
+        captions, name = list(ds["caption"]), f"embedded-test-r{resolution}"
+        real = LazyImages(lambda i: ds[i]["image"], len(ds))
     if not captions:
         raise CliError("the FID reference set is empty")
-    import numpy as np
-
-    real = torch.stack([torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1) for im in images])
     return captions, real, name
+
+
+def _open_reference_image(path: Path):
+    """The PIL image at ``path`` (lazily decoded); an unreadable file is a CliError."""
+    from PIL import Image
+
+    try:
+        return Image.open(path)
+    except OSError as err:
+        raise CliError(f"cannot read reference image {path}: {err}") from None
+
+
+def _reference_image(path: Path, resolution: int):
+    """A reference image, RGB, resized and centre-cropped to ``resolution``."""
+    from diffdis.data.transforms import resize_and_crop
+
+    with _open_reference_image(path) as image:
+        try:
+            return resize_and_crop(image.convert("RGB"), resolution)
+        except OSError as err:
+            raise CliError(f"cannot read reference image {path}: {err}") from None
 
 
 def _extractor(args, classifier):

@@ -71,6 +71,27 @@ def prompt_adherence(
         (classifier and pixel measure agree), optional ``adherence/size`` and ``adherence/position``,
         and ``adherence/num_images``.
     """
+    counts = adherence_counts(images, shape_ids, colour_ids, classifier, size_ids, position_ids, batch_size)
+    return adherence_from_counts(counts)
+
+
+def adherence_counts(
+    images: torch.Tensor,
+    shape_ids: IdsLike,
+    colour_ids: IdsLike,
+    classifier: AttributeClassifier,
+    size_ids: Optional[IdsLike] = None,
+    position_ids: Optional[IdsLike] = None,
+    batch_size: int = 512,
+) -> dict[str, int]:
+    """How many images match their prompt, per criterion (arguments as :func:`prompt_adherence`).
+
+    Counts add up over batches and processes, so adherence can be scored batch by batch and the
+    per-process counts summed; :func:`adherence_from_counts` turns the totals into fractions.
+
+    Returns:
+        ``{"shape", "colour", ["size"], ["position"], "both", "colour_pixel", "colour_agreement", "num_images"}``.
+    """
     if tuple(images.shape[-2:]) != (classifier.resolution, classifier.resolution):
         # Position and size are calibrated at the classifier's resolution.
         size = (classifier.resolution, classifier.resolution)
@@ -83,11 +104,19 @@ def prompt_adherence(
         targets["position"] = _as_ids(position_ids)
     hits = {name: preds[name] == target for name, target in targets.items()}
     colour_px = pixel_colour(images).cpu()
-    metrics = {f"adherence/{name}": hit.float().mean().item() for name, hit in hits.items()}
-    metrics["adherence/both"] = (hits["shape"] & hits["colour"]).float().mean().item()
-    metrics["adherence/colour_pixel"] = (colour_px == targets["colour"]).float().mean().item()
-    metrics["adherence/colour_agreement"] = (colour_px == preds["colour"]).float().mean().item()
-    metrics["adherence/num_images"] = float(images.shape[0])
+    counts = {name: int(hit.sum()) for name, hit in hits.items()}
+    counts["both"] = int((hits["shape"] & hits["colour"]).sum())
+    counts["colour_pixel"] = int((colour_px == targets["colour"]).sum())
+    counts["colour_agreement"] = int((colour_px == preds["colour"]).sum())
+    counts["num_images"] = int(images.shape[0])
+    return counts
+
+
+def adherence_from_counts(counts: dict[str, int]) -> dict[str, float]:
+    """``adherence/<criterion>`` fractions (and ``adherence/num_images``) from :func:`adherence_counts` totals."""
+    num = counts["num_images"]
+    metrics = {f"adherence/{name}": (value / num if num else float("nan")) for name, value in counts.items()}
+    metrics["adherence/num_images"] = float(num)
     return metrics
 
 

@@ -4,6 +4,11 @@ Offline default: the reference attribute classifier's penultimate features
 (``reference_extractor``). With ``torch-fidelity`` installed and the Inception weights
 on disk, ``inception_extractor`` gives the standard Inception-v3 FID. Every result
 should be reported with its settings: use ``fid_report``.
+
+Memory does not grow with the number of images: features go batch by batch into the metric's
+running sums (feature sum, outer-product sum, count; float64), and with several processes each
+process streams its own shard and only those sums are added over processes
+(:func:`sum_fid_states`), never the images or their features.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffdis.eval.reference import AttributeClassifier
+from diffdis.utils.distributed import all_processes, sum_over_processes
 
 ImagesLike = Union[torch.Tensor, Iterable[torch.Tensor]]
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+_FAKE_STATES = ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples")
 
 
 class FeatureExtractor(nn.Module):
@@ -178,33 +185,96 @@ def _load_real_stats(metric: FrechetInceptionDistance, path: Path) -> None:
         setattr(metric, name, state[name].to(getattr(metric, name).device))
 
 
-def _fid_metric(
+def new_fid_metric(extractor: FeatureExtractor) -> FrechetInceptionDistance:
+    """An empty ``FrechetInceptionDistance`` on ``extractor`` whose states are never synced implicitly.
+
+    torchmetrics sums the states over ``torch.distributed`` inside ``compute()`` whenever a process
+    group exists; that would also sum states that every process holds in full (cached real
+    statistics, or a caller's unsharded images). Summing is therefore explicit:
+    :func:`sum_fid_states`.
+    """
+    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False, sync_on_compute=False)
+    # compute() casts to the features' dtype, which update() records; a process that received no
+    # images (fewer images than processes) must still be able to compute the summed result.
+    metric.orig_dtype = torch.float32
+    return metric
+
+
+def update_fid(metric: FrechetInceptionDistance, images: ImagesLike, real: bool, batch_size: int = 256) -> int:
+    """Add the features of ``images`` to the real or fake running sums, one batch at a time.
+
+    Args:
+        metric: from :func:`new_fid_metric`.
+        images: uint8 (N, 3, H, W) tensor or iterable of such batches (a generator is consumed lazily,
+            so no more than one batch needs to be in memory).
+        real: update the real (True) or the fake (False) statistics.
+        batch_size: at most this many images per feature-extractor call.
+
+    Returns:
+        The number of images added.
+    """
+    count = 0
+    for batch in _batches(images, batch_size):
+        metric.update(batch, real=real)
+        count += batch.shape[0]
+    return count
+
+
+def sum_fid_states(metric: FrechetInceptionDistance, real: bool, accelerator) -> None:
+    """Replace this process's real or fake sums (feature sum, outer-product sum, count) by their totals
+    over all processes; nothing happens with one process (``accelerator`` None or a single process)."""
+    names = _REAL_STATES if real else _FAKE_STATES
+    summed = sum_over_processes({name: getattr(metric, name) for name in names}, accelerator)
+    for name in names:
+        setattr(metric, name, summed[name])
+
+
+def accumulate_real_statistics(
+    metric: FrechetInceptionDistance,
     real_images: Optional[ImagesLike],
-    fake_images: ImagesLike,
     extractor: FeatureExtractor,
-    batch_size: int,
-    real_stats_cache: Optional[Union[str, Path]],
-    cache_key: Optional[str],
-) -> FrechetInceptionDistance:
-    """A ``FrechetInceptionDistance`` updated with the real (or cached) and the fake features."""
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    batch_size: int = 256,
+    real_stats_cache: Optional[Union[str, Path]] = None,
+    cache_key: Optional[str] = None,
+    accelerator=None,
+) -> bool:
+    """Fill the metric's real statistics from the cache, or from ``real_images`` (then cache them).
+
+    With several processes each passes its own shard of the real images; the sums are added over
+    processes, and the main process writes the cache. A cached file is used only when every process
+    finds it, so that all take the same branch.
+
+    Returns:
+        True when the statistics came from the cache (``real_images`` was then not read).
+    """
     path = None
     if real_stats_cache is not None:
         if cache_key is None:
             raise ValueError("real_stats_cache needs a cache_key naming the real dataset")
         path = _stats_path(real_stats_cache, cache_key, extractor)
-    if path is not None and path.exists():
+    if path is not None and all_processes(path.exists(), accelerator):
         _load_real_stats(metric, path)
-    else:
-        if real_images is None:
-            raise ValueError("real_images is None and no cached statistics were found")
-        for batch in _batches(real_images, batch_size):
-            metric.update(batch, real=True)
-        if path is not None:
-            _save_real_stats(metric, path)
-    for batch in _batches(fake_images, batch_size):
-        metric.update(batch, real=False)
-    return metric
+        return True
+    if real_images is None:
+        raise ValueError("real_images is None and no cached statistics were found")
+    update_fid(metric, real_images, real=True, batch_size=batch_size)
+    sum_fid_states(metric, real=True, accelerator=accelerator)
+    if path is not None and (accelerator is None or accelerator.is_main_process):
+        _save_real_stats(metric, path)
+    return False
+
+
+def fid_metric_report(
+    metric: FrechetInceptionDistance, extractor: FeatureExtractor
+) -> dict[str, Union[float, int, str]]:
+    """``{"fid", "feature_extractor", "resize", "num_real", "num_fake"}`` of a metric holding the total sums."""
+    return {
+        "fid": float(metric.compute().item()),
+        "feature_extractor": extractor.name,
+        "resize": extractor.resize,
+        "num_real": int(metric.real_features_num_samples.item()),
+        "num_fake": int(metric.fake_features_num_samples.item()),
+    }
 
 
 def compute_fid(
@@ -214,6 +284,7 @@ def compute_fid(
     batch_size: int = 256,
     real_stats_cache: Optional[Union[str, Path]] = None,
     cache_key: Optional[str] = None,
+    accelerator=None,
 ) -> float:
     """Fréchet distance between real and fake images in ``extractor``'s feature space.
 
@@ -226,8 +297,11 @@ def compute_fid(
         real_stats_cache: folder for cached real-image statistics (None: no cache).
         cache_key: names the real dataset (e.g. ``"embedded-test-r16-n2000"``); the file is
             keyed by it and the extractor's name.
+        accelerator: None: the images are the whole sets. An ``accelerate.Accelerator``: each process
+            passes its own shard of both sets (every process must call); the running sums are added
+            over processes and every process returns the same value.
     """
-    return fid_report(real_images, fake_images, extractor, batch_size, real_stats_cache, cache_key)["fid"]
+    return fid_report(real_images, fake_images, extractor, batch_size, real_stats_cache, cache_key, accelerator)["fid"]
 
 
 def fid_report(
@@ -237,17 +311,18 @@ def fid_report(
     batch_size: int = 256,
     real_stats_cache: Optional[Union[str, Path]] = None,
     cache_key: Optional[str] = None,
+    accelerator=None,
 ) -> dict[str, Union[float, int, str]]:
     """FID with the settings it was computed with (arguments as ``compute_fid``).
 
+    Images are streamed through the feature extractor batch by batch into running sums; neither set
+    is kept, so an iterable of batches (e.g. a generator producing them) bounds the memory.
+
     Returns:
-        ``{"fid", "feature_extractor", "resize", "num_real", "num_fake"}``.
+        ``{"fid", "feature_extractor", "resize", "num_real", "num_fake"}`` (counts over all processes).
     """
-    metric = _fid_metric(real_images, fake_images, extractor, batch_size, real_stats_cache, cache_key)
-    return {
-        "fid": float(metric.compute().item()),
-        "feature_extractor": extractor.name,
-        "resize": extractor.resize,
-        "num_real": int(metric.real_features_num_samples.item()),
-        "num_fake": int(metric.fake_features_num_samples.item()),
-    }
+    metric = new_fid_metric(extractor)
+    accumulate_real_statistics(metric, real_images, extractor, batch_size, real_stats_cache, cache_key, accelerator)
+    update_fid(metric, fake_images, real=False, batch_size=batch_size)
+    sum_fid_states(metric, real=False, accelerator=accelerator)
+    return fid_metric_report(metric, extractor)

@@ -1,8 +1,9 @@
 """Evaluation during training: prompt adherence, zero-shot accuracy and a sample grid.
 
 Every ``train.eval_every`` steps the trainer calls a :class:`TrainingEvaluator` on **all** processes:
-image generation (:func:`diffdis.eval.suite.evaluate_adherence`) and zero-shot feature extraction
-(:func:`diffdis.eval.zeroshot.compute_image_features`) are sharded across processes and gathered, so
+image generation (:func:`diffdis.eval.suite.evaluate_adherence`, whose match counts are summed over
+processes; only the grid's images are gathered) and zero-shot feature extraction
+(:func:`diffdis.eval.zeroshot.compute_image_features`, gathered) are sharded across processes, so
 every process returns the same metrics and no process idles while rank 0 works.
 
 The metrics are only meaningful on the embedded shapes data: the reference attribute classifier and
@@ -203,7 +204,7 @@ class TrainingEvaluator:
         sampling = SamplingSettings(steps=s.steps, guidance=s.guidance, scheduler="ddim", seed=s.seed, batch_size=s.batch_size)
         found, images, prompts = evaluate_adherence(pipe, self.classifier, s.adherence_per_combo, sampling, accelerator)
         metrics = {f"eval/adherence_{k}": float(found[f"adherence/{k}"]) for k in ADHERENCE_KEYS}
-        return metrics, adherence_grid(images, prompts)  # images: (36 * per_combo, 3, H, W) uint8
+        return metrics, adherence_grid(images, prompts)  # images: (36, 3, H, W) uint8, one per combination
 
     def _zero_shot(self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae) -> Dict[str, float]:
         """Top-1 zero-shot accuracy per embedded task; the DiffDis features are sharded, then shared by all tasks."""
