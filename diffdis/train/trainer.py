@@ -319,6 +319,8 @@ def train(cfg) -> Path:
     global_step = 0
     if resume is not None:
         _load_checkpoint(accelerator, resume)
+        if ema is not None:  # EMAModel.load_state_dict keeps the loaded (CPU) shadow weights where they were loaded
+            ema.to(accelerator.device)
         global_step = read_step(resume)
         logger.info(f"resumed from {resume} at step {global_step}", main_process_only=True)
         if plan.total != t.max_steps:  # a time-fitted plan made before the checkpoint
