@@ -79,18 +79,6 @@ def _freeze(cfg, components) -> None:
             p.requires_grad_(False)
 
 
-def trained_module(accelerator, module, cfg, components, out: Path):
-    """Under FSDP: the whole trained model, gathered from the shards into fresh components on the main process
-    (other processes get None), and its one parameter checksum."""
-    state = accelerator.get_state_dict(module)  # every process takes part; the main process receives the full state
-    if not accelerator.is_main_process:
-        return None, [0.0]
-    fresh = build_components(cfg, tokenizer_dir=out / "tokenizer")
-    whole = DiffDisModule(fresh.unet, fresh.text_encoder, fresh.noise_scheduler, StepOptions.from_config(cfg.loss))
-    whole.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return whole, [float(sum(v.double().sum().item() for v in whole.state_dict().values() if v.is_floating_point()))]
-
-
 def open_latent_cache(cfg, vae):
     """The rows of ``data.cache_dir`` (checked against this run's VAE and data settings) and their collator."""
     from ..data.cache import LatentCacheCollator, load_latent_cache, manifest_for_config, read_manifest
@@ -242,9 +230,9 @@ def train(cfg) -> Path:
     accelerator = make_accelerator(cfg)
     t = cfg.train
     out = Path(t.output_dir)
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and t.ema.use:
-        raise ValueError("train.ema.use=true is not supported under FSDP (EMAModel needs whole parameters): set train.ema.use=false")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("FSDP is not supported yet: the text stream's logit_scale is a 0-d parameter, which FSDP cannot shard; "
+                         "train with DDP (accelerate launch --multi_gpu, or configs/accelerate/*ddp*.yaml)")
     set_seed(t.seed)
     resume = resolve_resume(out, t.resume_from_checkpoint)
     if t.resume_from_checkpoint == "latest" and resume is None:
@@ -305,8 +293,7 @@ def train(cfg) -> Path:
     position = StreamPosition()  # streaming: where this process's trained batches stopped
     accelerator.register_for_checkpointing(PerProcessState(replaced, accelerator, "replaced-examples"))
     accelerator.register_for_checkpointing(PerProcessState(position, accelerator, "stream position"))
-    if not fsdp:  # under FSDP, accelerate saves the sharded model and optimiser state itself
-        register_hooks(accelerator)
+    register_hooks(accelerator)
 
     empty_ids = components.tokenizer(
         [""], padding="max_length", max_length=components.tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -410,10 +397,10 @@ def train(cfg) -> Path:
     progress.close()
 
     accelerator.wait_for_everyone()
-    final, checksums = trained_module(accelerator, module, cfg, components, out) if fsdp else (accelerator.unwrap_model(module), None)
-    if checksums is None:  # one checksum per process: DDP must keep the replicas identical
-        checksum = torch.stack([p.detach().double().sum() for p in final.parameters()]).sum()
-        checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
+    final = accelerator.unwrap_model(module)
+    # one checksum per process: DDP must keep the replicas identical
+    checksum = torch.stack([p.detach().double().sum() for p in final.parameters()]).sum()
+    checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
     replaced_per_process = [int(v) for v in accelerator.gather(torch.tensor([replaced.value], device=accelerator.device)).tolist()]
     model_dir = out / "model"
     if accelerator.is_main_process:
