@@ -180,6 +180,7 @@ class TrainConfig:
 class Config:
     """The whole run."""
 
+    method: str = "diffdis"  # training method (diffdis.methods.available()): "diffdis", "gen_only" (L_IG alone), "disc_only" (L_ITA alone)
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -215,6 +216,10 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def _validate(cfg: Config) -> None:
+    from .methods import available  # the registry imports the models; the schema itself does not
+
+    if cfg.method not in available():
+        raise ConfigError(f"method={cfg.method!r} is not one of {available()}")
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

@@ -50,7 +50,7 @@ def contrastive_loss(
         gather: optional all-gather that keeps the gradient of the local slice (open_clip's default): every
             process then computes the loss of the whole gathered batch, and its own features get exactly
             their share of the full-batch gradient. Data-parallel training averages gradients over the W
-            processes, so the caller scales this loss's gradient by W (see ``DiffDisModule``).
+            processes, so the caller scales this loss's gradient by W (see ``DiffDisMethod.discrimination_loss``).
 
     Returns:
         ``{"loss", "acc_i2t", "acc_t2i"}`` over the whole (gathered) batch.

@@ -1,4 +1,4 @@
-"""DiffDisModule's step options: timestep sampling and the share of the batch in the discrimination pass."""
+"""DiffDisMethod's step options: timestep sampling and the share of the batch in the discrimination pass."""
 
 import pytest
 import torch
@@ -6,13 +6,14 @@ from diffusers import DDPMScheduler
 
 from diffdis.config import ConfigError, load_config
 from diffdis.models import DualStreamUNet
-from diffdis.train.module import DiffDisModule, StepOptions, sample_timesteps
+from diffdis.config import LossConfig
+from diffdis.methods import DiffDisMethod, sample_timesteps
 from helpers_tiny import tiny_text_encoder, tiny_tokenizer, tiny_unet
 
 
 def _times(**options):
     g = torch.Generator().manual_seed(0)
-    return sample_timesteps(20000, 1000, g, "cpu", StepOptions(**options))
+    return sample_timesteps(20000, 1000, g, "cpu", LossConfig(**options))
 
 
 def test_uniform_timesteps_cover_the_range():
@@ -37,7 +38,7 @@ def _module(**options):
     tok = tiny_tokenizer()
     text = tiny_text_encoder(tok, with_projection=True)
     unet = DualStreamUNet.from_unet(tiny_unet(), text_dim=text.config.projection_dim)
-    return DiffDisModule(unet, text, DDPMScheduler(num_train_timesteps=1000), StepOptions(**options)), tok
+    return DiffDisMethod(unet, text, DDPMScheduler(num_train_timesteps=1000), LossConfig(**options)), tok
 
 
 @pytest.mark.parametrize("fraction, expected", [(1.0, 8), (0.5, 4), (0.01, 2)])

@@ -1,6 +1,6 @@
-"""Training: the Accelerate trainer, the DiffDis step module, checkpoints and history."""
+"""Training: the Accelerate trainer, checkpoints, history and evaluation during training (the methods' objectives
+live in :mod:`diffdis.methods`)."""
 
-from .module import DiffDisModule, StepOptions
 from .trainer import train
 
-__all__ = ["DiffDisModule", "StepOptions", "train"]
+__all__ = ["train"]

@@ -4,7 +4,7 @@ The reference is what diffusers' ``examples/text_to_image/train_text_to_image.py
 UNet (a plain ``UNet2DConditionModel``, the generation branch alone), text tower, noise scheduler, batch and
 AdamW settings: encode the captions, noise the whole batch, predict, mean-squared error (Min-SNR weighted with
 ``diffusers.training_utils.compute_snr`` when ``loss.min_snr_gamma`` is set), backward, optimiser step.
-Ours is :class:`~diffdis.train.module.DiffDisModule`'s step as the trainer runs it (L_IG on ``ig_fraction`` of
+Ours is :class:`~diffdis.train.module.DiffDisMethod`'s step as the trainer runs it (L_IG on ``ig_fraction`` of
 the batch, L_ITA through the second stream). The ratio says what the discrimination task costs per step.
 """
 
@@ -20,7 +20,7 @@ from diffusers.training_utils import compute_snr
 
 from ..pipelines.bench import time_interleaved
 from .build import Components, build_optimizer
-from .module import DiffDisModule, StepOptions
+from ..methods import DiffDisMethod
 
 
 def _reference_step(cfg, components: Components, latents, input_ids, generator) -> Callable[[], float]:
@@ -64,7 +64,7 @@ def _ours_step(cfg, components: Components, latents, input_ids, empty_ids, gener
     """One DiffDis step (L_IG + L_ITA) on the components themselves, as the trainer runs it in one process."""
     unet, text_encoder = components.unet.train(), components.text_encoder.train()
     text_encoder.requires_grad_(bool(cfg.model.train_text_encoder))
-    module = DiffDisModule(unet, text_encoder, components.noise_scheduler, StepOptions.from_config(cfg.loss))
+    module = DiffDisMethod(unet, text_encoder, components.noise_scheduler, cfg.loss)
     module.to(latents.device)  # its alphas_cumprod buffer
     optimizer = build_optimizer(cfg, unet, text_encoder)
     counter = {"step": 0}

@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
+from .. import methods
 from ..config import check_evaluation_data
 from ..data.embedded import make_embedded_dataset
 from ..data.transforms import to_pixel_values
@@ -67,9 +68,11 @@ class EvalSettings:
     def from_config(cls, cfg) -> "EvalSettings":
         """Settings from a run config; zero-shot is skipped when the text stream is not trained."""
         t = cfg.train
-        zeroshot = t.eval_zeroshot_samples if cfg.loss.lambda_ita > 0 else 0
+        method = methods.get(cfg.method)
+        zeroshot = t.eval_zeroshot_samples if method.trains_discrimination(cfg.loss) else 0
+        adherence = t.eval_adherence_per_combo if method.trains_generation(cfg.loss) else 0
         return cls(
-            adherence_per_combo=t.eval_adherence_per_combo,
+            adherence_per_combo=adherence,
             zeroshot_samples=zeroshot,
             steps=t.eval_steps,
             guidance=t.eval_guidance,

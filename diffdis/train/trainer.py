@@ -30,7 +30,7 @@ from .build import build_components, build_optimizer, caption_corpus, load_split
 from .checkpoint import Counter, GeneratorState, PerProcessState, read_step, register_hooks, resolve_resume, save_checkpoint
 from .evaluation import TrainingEvaluator
 from .history import History
-from .module import DiffDisModule, StepOptions
+from .. import methods
 from .plan import StepPlan, rebuild_lr_schedule
 
 logger = get_logger("diffdis.train")
@@ -40,7 +40,7 @@ def make_accelerator(cfg) -> Accelerator:
     """An Accelerator that really uses gloo across CPU processes when CUDA is absent."""
     t = cfg.train
     # parameters without a gradient in some steps: the text stream (generation-only steps) or the frozen text encoder
-    unused = cfg.loss.lambda_ita <= 0 or cfg.loss.ita_every > 1 or not cfg.model.train_text_encoder
+    unused = methods.get(cfg.method).find_unused_parameters(cfg)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
@@ -53,7 +53,7 @@ def make_accelerator(cfg) -> Accelerator:
     )
 
 
-def _configure_speed(cfg, module: DiffDisModule) -> None:
+def _configure_speed(cfg, module: methods.Method) -> None:
     if torch.cuda.is_available() and cfg.train.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -68,15 +68,6 @@ def _configure_speed(cfg, module: DiffDisModule) -> None:
         module.unet.enable_gradient_checkpointing()
         if cfg.model.train_text_encoder:
             module.text_encoder.gradient_checkpointing_enable()
-
-
-def _freeze(cfg, components) -> None:
-    components.text_encoder.requires_grad_(bool(cfg.model.train_text_encoder))
-    if components.vae is not None:
-        components.vae.requires_grad_(False)
-    if cfg.loss.lambda_ita <= 0:  # generation only: the text stream is not trained
-        for p in components.unet.new_parameters():
-            p.requires_grad_(False)
 
 
 def open_latent_cache(cfg, vae):
@@ -130,7 +121,7 @@ def validation_losses(accelerator, module, vae, batches, empty_ids, seed: int) -
     model = accelerator.unwrap_model(module)
     model.eval()
     gen = torch.Generator(device=accelerator.device).manual_seed(seed)
-    keys = ["loss", "loss_ig"] + (["loss_ita", "acc_i2t", "acc_t2i"] if model.options.lambda_ita > 0 else [])
+    keys = model.loss_keys()
     sums = torch.zeros(len(keys) + 1, device=accelerator.device)  # last entry counts batches
     for i, batch in enumerate(batches):
         if i % accelerator.num_processes != accelerator.process_index:
@@ -185,7 +176,7 @@ def _fixed_batches(cfg, tokenizer, n: int):
     return [b for b in loader if b is not None]
 
 
-def export_model(components, module: DiffDisModule, cfg, out_dir: Path, ema: Optional[EMAModel]) -> Path:
+def export_model(components, module: methods.Method, cfg, out_dir: Path, ema: Optional[EMAModel]) -> Path:
     """Write the final ``DiffDisPipeline`` folder (EMA weights where EMA is on), atomically."""
     from ..pipelines import DiffDisPipeline
 
@@ -254,8 +245,7 @@ def train(cfg) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.model.pretrained:
             components.tokenizer.save_pretrained(out / "tokenizer")
-    _freeze(cfg, components)
-    module = DiffDisModule(components.unet, components.text_encoder, components.noise_scheduler, StepOptions.from_config(cfg.loss))
+    module = methods.build(cfg, components)
     _configure_speed(cfg, module)
     if components.vae is not None:
         components.vae.to(accelerator.device)

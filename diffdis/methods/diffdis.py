@@ -1,41 +1,20 @@
-"""The training step of DiffDis as one ``nn.Module`` (so DDP wraps it once, one forward per step)."""
+"""DiffDis (the default method): L = L_IG + lambda * L_ITA on one dual-stream UNet, as one ``nn.Module`` (so DDP
+wraps it once, one forward per step)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
+from ..config import LossConfig
 from ..losses import contrastive_loss, gather_with_grad, image_generation_loss, scale_gradient, total_loss
 from ..models.components import encode_text
 from ..models.dual_stream_unet import DualStreamUNet
 from ..schedule import text_forward, text_x0_from_eps
-
-
-@dataclass
-class StepOptions:
-    """Loss options the step needs (a plain copy of :class:`diffdis.config.LossConfig`)."""
-
-    lambda_ita: float = 1.0
-    min_snr_gamma: Optional[float] = 5.0
-    noise_offset: float = 0.0
-    text_scale: float = 1.0
-    p_uncond: float = 0.1
-    p_uncond_text: float = 0.1
-    logit_scale_max: float = 100.0
-    timestep_sampling: str = "uniform"
-    timestep_mean: float = 0.0
-    timestep_std: float = 1.0
-    ita_fraction: float = 1.0
-    ita_every: int = 1
-    ig_fraction: float = 1.0
-
-    @classmethod
-    def from_config(cls, loss_cfg) -> "StepOptions":
-        return cls(**{k: getattr(loss_cfg, k) for k in cls.__dataclass_fields__})
+from .base import Method, register
 
 
 def _rand(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -55,7 +34,7 @@ def _share(n: int, fraction: float) -> int:
     return min(n, max(2, round(n * fraction)))
 
 
-def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, options: StepOptions) -> torch.Tensor:
+def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, options: LossConfig) -> torch.Tensor:
     """Image-stream timesteps (n,): uniform, or logit-normal in t/T (SD3's density; mean > 0 favours noise)."""
     if options.timestep_sampling == "uniform":
         return _randint(num_t, n, generator, device)
@@ -63,7 +42,8 @@ def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, opt
     return (torch.sigmoid(z) * num_t).long().clamp(max=num_t - 1).to(device)
 
 
-class DiffDisModule(nn.Module):
+@register("diffdis")
+class DiffDisMethod(Method):
     """The trainable modules and the DiffDis objective.
 
     ``forward(latents, input_ids, empty_ids, generator, gather=True, step=None)`` runs the generation pass (L_IG)
@@ -73,15 +53,41 @@ class DiffDisModule(nn.Module):
     :func:`sample_timesteps`. All randomness comes from ``generator`` so that a
     checkpoint that saves its state resumes exactly. ``gather=False`` contrasts within the local
     batch only (for evaluation passes that not every process takes part in).
+
+    Args:
+        loss: the run's ``loss`` section (:class:`diffdis.config.LossConfig`), read as it is.
     """
 
-    def __init__(self, unet: DualStreamUNet, text_encoder: nn.Module, noise_scheduler: DDPMScheduler, options: StepOptions):
+    def __init__(self, unet: DualStreamUNet, text_encoder: nn.Module, noise_scheduler: DDPMScheduler, loss: LossConfig):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
         self.noise_scheduler = noise_scheduler
-        self.options = options
+        self.options = loss
         self.register_buffer("alphas_cumprod", noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg, components) -> "DiffDisMethod":
+        method = cls(components.unet, components.text_encoder, components.noise_scheduler, cfg.loss)
+        components.text_encoder.requires_grad_(bool(cfg.model.train_text_encoder))
+        if components.vae is not None:
+            components.vae.requires_grad_(False)
+        if not method.discriminates:  # the text stream is not trained
+            for p in components.unet.new_parameters():
+                p.requires_grad_(False)
+        return method
+
+    @classmethod
+    def find_unused_parameters(cls, cfg) -> bool:
+        # the text stream in generation-only steps, or a frozen text encoder
+        return cfg.loss.lambda_ita <= 0 or cfg.loss.ita_every > 1 or not cfg.model.train_text_encoder
+
+    @classmethod
+    def trains_discrimination(cls, loss) -> bool:
+        return loss.lambda_ita > 0  # lambda = 0: generation only (the ablation's reference arm)
+
+    def loss_keys(self) -> List[str]:
+        return ["loss", "loss_ig"] + (["loss_ita", "acc_i2t", "acc_t2i"] if self.discriminates else [])
 
     def forward(
         self,
@@ -92,31 +98,45 @@ class DiffDisModule(nn.Module):
         gather: bool = True,
         step: Optional[int] = None,
     ) -> Dict[str, torch.Tensor]:
-        opt = self.options
         full = latents.shape[0]
-        num_t = self.noise_scheduler.config.num_train_timesteps
         ctx_all, query_all = encode_text(self.text_encoder, torch.cat([input_ids, empty_ids]))
         ctx, query, ctx_empty = ctx_all[:full], query_all[:full], ctx_all[full:]  # (B, L, d), (B, d_e), (1, L, d)
+        loss_ig = self.generation_loss(latents, ctx, ctx_empty, generator)
+        if not self.discriminates or (step is not None and step % self.options.ita_every):
+            return total_loss(loss_ig, None, 0.0)
+        ita = self.discrimination_loss(latents, query, ctx_empty, generator, gather)
+        out = total_loss(loss_ig, ita.pop("loss"), self.options.lambda_ita)
+        out.update(ita)
+        return out
 
-        # generation stream (on the batch's first ig_fraction share): L_IG, with caption dropout for guidance
-        b = _share(full, opt.ig_fraction)
+    def generation_loss(self, latents: torch.Tensor, ctx: torch.Tensor, ctx_empty: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+        """L_IG on the batch's first ``ig_fraction`` share, with caption dropout for guidance."""
+        opt = self.options
+        b = _share(latents.shape[0], opt.ig_fraction)
         x0 = latents[:b]
         drop = _rand((b,), generator, latents) < opt.p_uncond_text
         ctx_gen = torch.where(drop[:, None, None], ctx_empty.expand(b, -1, -1), ctx[:b])
         noise = _randn(x0.shape, generator, latents)
         if opt.noise_offset:
             noise = noise + opt.noise_offset * _randn((b, latents.shape[1], 1, 1), generator, latents)
-        t = sample_timesteps(b, num_t, generator, latents.device, opt)
+        t = sample_timesteps(b, self.noise_scheduler.config.num_train_timesteps, generator, latents.device, opt)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)  # (B, C, H, W)
         pred_type = self.noise_scheduler.config.prediction_type
         target = self.noise_scheduler.get_velocity(x0, noise, t) if pred_type == "v_prediction" else noise
         pred = self.unet(noisy, t, ctx_gen).sample  # (B, C, H, W)
-        loss_ig = image_generation_loss(pred, target, t, self.alphas_cumprod, pred_type, opt.min_snr_gamma)
-        if opt.lambda_ita <= 0 or (step is not None and step % opt.ita_every):
-            return total_loss(loss_ig, None, 0.0)
+        return image_generation_loss(pred, target, t, self.alphas_cumprod, pred_type, opt.min_snr_gamma)
 
-        # discrimination stream: denoise the text query conditioned on the clean image, L_ITA
-        b = _share(full, opt.ita_fraction)  # the batch's first b pairs
+    def discrimination_loss(self, latents: torch.Tensor, query: torch.Tensor, ctx_empty: torch.Tensor,
+                            generator: torch.Generator, gather: bool = True) -> Dict[str, torch.Tensor]:
+        """L_ITA on the batch's first ``ita_fraction`` pairs: denoise the text query conditioned on the clean image.
+
+        Returns ``loss`` (its gradient scaled by the number of processes, see below), ``acc_i2t``, ``acc_t2i`` and
+        ``logit_scale``.
+        """
+        opt = self.options
+        num_t = self.noise_scheduler.config.num_train_timesteps
+        b = _share(latents.shape[0], opt.ita_fraction)
         latents, query = latents[:b], query[:b]
         t_e = _randint(num_t, b, generator, latents.device)
         e_t = text_forward(query.detach(), _randn(query.shape, generator, query), t_e, self.alphas_cumprod, opt.text_scale)
@@ -132,6 +152,5 @@ class DiffDisModule(nn.Module):
         # each of the W processes has the whole batch's gradient for its own features and DDP averages the
         # gradients over processes: W x the gradient makes the average equal one process on the whole batch
         world = torch.distributed.get_world_size() if distributed else 1
-        out = total_loss(loss_ig, scale_gradient(ita["loss"], world), opt.lambda_ita)
-        out.update(acc_i2t=ita["acc_i2t"], acc_t2i=ita["acc_t2i"], logit_scale=scale.detach())
-        return out
+        return {"loss": scale_gradient(ita["loss"], world), "acc_i2t": ita["acc_i2t"], "acc_t2i": ita["acc_t2i"],
+                "logit_scale": scale.detach()}

@@ -1,0 +1,21 @@
+"""Training methods behind one interface, picked by the config's top-level ``method`` key.
+
+>>> import diffdis.methods as m
+>>> m.available()
+['diffdis', 'disc_only', 'gen_only']
+
+Adding a method: one module here, one import line below, one config (docs/ADDING_A_METHOD.md).
+"""
+
+from .base import Method, available, get, register
+from .diffdis import DiffDisMethod, sample_timesteps
+from .disc_only import DiscOnlyMethod
+from .gen_only import GenOnlyMethod
+
+__all__ = ["DiffDisMethod", "DiscOnlyMethod", "GenOnlyMethod", "Method", "available", "build", "get", "register",
+           "sample_timesteps"]
+
+
+def build(cfg, components) -> Method:
+    """The method ``cfg.method`` built from ``components`` (see :meth:`Method.from_config`)."""
+    return get(cfg.method).from_config(cfg, components)

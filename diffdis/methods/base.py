@@ -1,0 +1,95 @@
+"""The interface every training method implements, and the registry that picks one by ``cfg.method``.
+
+A method owns its trainable modules and its objective. The trainer, checkpoints and evaluation speak to a
+method only through this interface:
+
+- :meth:`Method.from_config` builds it from a run config and the loaded or built components
+  (:class:`diffdis.train.build.Components`), freezing what it does not train;
+- ``forward(latents, input_ids, empty_ids, generator, gather=True, step=None)`` returns its named losses for a
+  batch, the total under ``"loss"``;
+- :attr:`Method.generates` and :attr:`Method.zero_shot` tell the evaluators what it can be scored on (a
+  text-to-image pipeline; zero-shot by text queries or by the diffusion classifier);
+- :meth:`Method.find_unused_parameters` tells DDP whether some parameters get no gradient in some steps.
+
+Every method built on the dual-stream UNet saves itself as the same model folder (a ``DiffDisPipeline`` plus
+``diffdis_config.yaml``, whose ``method`` key says which method trained it).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Dict, List, Type
+
+import torch
+from torch import nn
+
+_REGISTRY: Dict[str, Type["Method"]] = {}
+
+
+class Method(nn.Module):
+    """Base class of training methods (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    #: "text_query" (the discrimination stream denoises a text query) or "diffusion_classifier" (Li et al. 2023)
+    zero_shot: ClassVar[str] = "text_query"
+
+    @classmethod
+    def from_config(cls, cfg, components) -> "Method":
+        """Build the method from a run config and its components, with ``requires_grad`` set as it trains them."""
+        raise NotImplementedError
+
+    @classmethod
+    def find_unused_parameters(cls, cfg) -> bool:
+        """Whether some trainable parameters get no gradient in some steps (DDP must then look for them)."""
+        return False
+
+    @classmethod
+    def trains_generation(cls, loss) -> bool:
+        """Whether the method, with the ``loss`` section ``loss``, trains text-to-image generation (FID and prompt
+        adherence apply)."""
+        return True
+
+    @classmethod
+    def trains_discrimination(cls, loss) -> bool:
+        """Whether it trains the discrimination stream (text-query zero-shot and retrieval apply)."""
+        return cls.zero_shot == "text_query"
+
+    @property
+    def generates(self) -> bool:
+        return self.trains_generation(self.options)
+
+    @property
+    def discriminates(self) -> bool:
+        return self.trains_discrimination(self.options)
+
+    def loss_keys(self) -> List[str]:
+        """Names of the scalars ``forward`` returns, in logging order (the validation losses)."""
+        raise NotImplementedError
+
+    def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
+                generator: torch.Generator, gather: bool = True, step=None) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def register(name: str) -> Callable[[Type[Method]], Type[Method]]:
+    """Class decorator: make a :class:`Method` available as ``method=<name>``."""
+
+    def add(cls: Type[Method]) -> Type[Method]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method '{name}' is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def available() -> List[str]:
+    """Names of the registered methods."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Type[Method]:
+    """The method class registered as ``name``; a ``ValueError`` listing the others when there is none."""
+    if name not in _REGISTRY:
+        raise ValueError(f"method={name!r} is not one of {available()}")
+    return _REGISTRY[name]

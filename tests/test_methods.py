@@ -1,0 +1,78 @@
+"""The method seam: the registry, each method's losses and what it trains, and every method trained from the
+command line in two processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from helpers_data import launch_train
+from helpers_tiny import tiny_text_encoder, tiny_tokenizer, tiny_unet
+
+import diffdis.methods as methods
+from diffdis.config import ConfigError, load_config
+from diffdis.models import DualStreamUNet
+from diffdis.train.build import Components
+
+
+def test_registry_lists_the_methods_and_refuses_others():
+    assert methods.available() == ["diffdis", "disc_only", "gen_only"]
+    assert methods.get("gen_only") is methods.GenOnlyMethod
+    with pytest.raises(ValueError, match="not one of"):
+        methods.get("clip")
+    with pytest.raises(ConfigError, match="method='nope'"):
+        load_config(None, ["method=nope"])
+
+
+def _built(name: str):
+    tok = tiny_tokenizer()
+    text = tiny_text_encoder(tok, with_projection=True)
+    unet = DualStreamUNet.from_unet(tiny_unet(), text_dim=text.config.projection_dim)
+    components = Components(tok, text, unet, DDPMScheduler(num_train_timesteps=1000))
+    return methods.build(load_config(None, [f"method={name}"]), components), tok
+
+
+def _step(method, tok, n: int = 8):
+    size, channels = method.unet.config.sample_size, method.unet.config.in_channels
+    latents = torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(0))
+    ids = tok(["a red circle", "a blue square"] * (n // 2), padding="max_length", max_length=16, return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    losses = method(latents, ids, empty, torch.Generator().manual_seed(1), gather=False)
+    losses["loss"].backward()
+    return losses
+
+
+@pytest.mark.parametrize("name, keys, generates, discriminates", [
+    ("diffdis", {"loss", "loss_ig", "loss_ita", "acc_i2t", "acc_t2i", "logit_scale"}, True, True),
+    ("gen_only", {"loss", "loss_ig"}, True, False),
+    ("disc_only", {"loss", "loss_ita", "acc_i2t", "acc_t2i", "logit_scale"}, False, True),
+])
+def test_each_method_returns_its_losses_and_trains_its_streams(name, keys, generates, discriminates):
+    method, tok = _built(name)
+    assert (method.generates, method.discriminates) == (generates, discriminates)
+    losses = _step(method, tok)
+    assert set(losses) == keys and torch.isfinite(losses["loss"])
+    assert set(method.loss_keys()) <= keys
+    text_head = method.unet.text_head.weight  # the discrimination stream's output
+    image_head = method.unet.unet.conv_out.weight  # the generation stream's output
+    assert (text_head.grad is not None and text_head.grad.abs().sum() > 0) == discriminates
+    assert text_head.requires_grad == discriminates  # gen_only freezes the text stream
+    assert (image_head.grad is not None and image_head.grad.abs().sum() > 0) == generates
+
+
+@pytest.mark.parametrize("name", ["gen_only", "disc_only"])
+def test_method_trains_from_the_command_line_in_two_processes(tmp_path, tiny_overrides, name):
+    out = tmp_path / name
+    launch_train(tiny_overrides + [f"method={name}", f"train.output_dir={out}", "train.max_steps=3", "train.checkpointing_steps=0",
+                                   "train.validation_every=3"], num_processes=2)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 3
+    assert summary["replica_param_checksums"][0] == summary["replica_param_checksums"][1]
+    saved = (out / "model" / "diffdis_config.yaml").read_text()
+    assert f"method: {name}" in saved
+    rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    logged = set().union(*rows)
+    assert ("train/loss_ita" in logged) == (name == "disc_only") and ("train/loss_ig" in logged) == (name == "gen_only")
+    assert "val/loss" in logged
