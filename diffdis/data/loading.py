@@ -65,6 +65,42 @@ def _split_files(data_files: DataFiles, split: str) -> dict[str, str | Sequence[
     return {split: data_files}
 
 
+def _is_empty_metadata(path: str) -> bool:
+    """True if an imagefolder metadata file holds no records (blank, or a csv header alone)."""
+    if os.path.getsize(path) == 0:
+        return True
+    if path.endswith(".parquet"):
+        return False  # a non-empty parquet file: let datasets judge it
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    return len(lines) < (2 if path.endswith(".csv") else 1)
+
+
+def _empty_metadata_files(folder: str) -> list[str]:
+    """The metadata files under ``folder`` that hold no records, sorted."""
+    return sorted(
+        os.path.join(root, name)
+        for root, _, files in os.walk(folder)
+        for name in files
+        if name in _METADATA_FILES and _is_empty_metadata(os.path.join(root, name))
+    )
+
+
+def _load_imagefolder(folder: str, split: str, streaming: bool) -> AnyDataset:
+    """``load_dataset("imagefolder")`` on a folder with metadata; an empty metadata file (which
+    ``datasets`` reports as an IndexError or an unrelated ValueError) is a ValueError naming it."""
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=folder, split=split, streaming=streaming)
+    except (IndexError, ValueError) as err:
+        empty = _empty_metadata_files(folder)
+        if not empty:
+            raise
+        raise ValueError(
+            f"metadata file '{empty[0]}' of dataset folder '{folder}' has no records: "
+            "it needs one per image, with its file_name and caption"
+        ) from err
+
+
 def _load_raw(name: str, split: str, data_dir: str | None, data_files: DataFiles | None,
               streaming: bool) -> AnyDataset:
     """Dispatch ``name`` to the right ``datasets.load_dataset`` call."""
@@ -76,9 +112,7 @@ def _load_raw(name: str, split: str, data_dir: str | None, data_files: DataFiles
         )
     folder = data_dir if name == "imagefolder" else name
     if folder is not None and os.path.isdir(folder) and _has_metadata(folder):
-        return datasets.load_dataset(
-            "imagefolder", data_dir=folder, split=split, streaming=streaming
-        )
+        return _load_imagefolder(folder, split, streaming)
     if name == "imagefolder" and data_files:
         return datasets.load_dataset(
             "imagefolder", data_files=_split_files(data_files, split), split=split,
@@ -141,7 +175,8 @@ def load_image_text_dataset(
         is known) and "caption" columns, plus any other columns of the source.
 
     Raises:
-        ValueError: a column is missing; the message lists the columns that exist.
+        ValueError: a column is missing (the message lists the columns that exist), or a
+            metadata file of a local folder has no records (the message names it).
     """
     if name == "embedded":
         dataset: AnyDataset = make_embedded_dataset(split, num_samples, resolution, seed)
