@@ -322,3 +322,37 @@ def test_benchmark_zeroshot_smoke(text_parts):
                                 steps=2, class_counts=(10, 100), dc_timesteps=2, dc_images=1, repeats=1)
     for key in ("class_count_ratio", "one_way_speedup", "diffusion_classifier_slowdown", "diffdis_100_classes_img_s"):
         assert out[key] > 0
+
+
+@pytest.fixture(scope="module")
+def named_label_folder(tmp_path_factory):
+    """An imagefolder whose metadata names each image's class as a string ("colour") and holds a float column."""
+    root = tmp_path_factory.mktemp("named_labels")
+    rows = []
+    for i, (name, rgb) in enumerate((("red", (220, 30, 30)),) * 3 + (("blue", (30, 30, 220)),)):
+        Image.new("RGB", (8, 8), rgb).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "colour": name, "score": 0.5 * i}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_tool_string_label_column_is_a_one_line_error_naming_column_and_type(model_dir, named_label_folder, capsys):
+    err = _bad([str(model_dir), "--dataset", str(named_label_folder), "--label-column", "colour"], capsys)
+    assert "'colour'" in err and "string" in err and "integer class ids" in err and "--classnames" in err
+    err = _bad([str(model_dir), "--dataset", str(named_label_folder), "--label-column", "score"], capsys)
+    assert "'score'" in err and "float" in err and "integer class ids" in err
+
+
+def test_tool_maps_string_labels_to_the_given_class_names(model_dir, named_label_folder, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("red\n")
+    err = _bad([str(model_dir), "--dataset", str(named_label_folder), "--label-column", "colour", "--classnames", str(names)], capsys)
+    assert "'colour'" in err and "'blue'" in err and "1 class names" in err
+    names.write_text("blue\nred\n")
+    out = tmp_path / "named"
+    rc = _tool().main([str(model_dir), "--dataset", str(named_label_folder), "--label-column", "colour", "--classnames", str(names),
+                       "--method", "diffusion_classifier", "--dc-timesteps", "2", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    (task,) = json.loads((out / "results.json").read_text())["results"].values()
+    assert task["classnames"] == ["blue", "red"] and task["metrics"]["num_samples"] == 4
+    assert [sum(row) for row in task["confusion_matrix"]] == [1, 3]  # one blue image (class 0), three red (class 1)

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: the accelerator's device)")
     p.add_argument("--out", default="zeroshot_results", help="output folder (default: zeroshot_results)")
     p.add_argument("--image-column", default="image", help="image column of a non-embedded dataset (default: image)")
-    p.add_argument("--label-column", default="label", help="label column of a non-embedded dataset (default: label)")
+    p.add_argument("--label-column", default="label", help="label column of a non-embedded dataset: integer class ids, a ClassLabel, or strings"
+                   " that name classes of --classnames / --task (default: label)")
     p.add_argument("--classnames", default=None, help="class names file (JSON list/object or one per line)")
     p.add_argument("--templates", default=None, help="templates file, each with one '{}' (JSON list/object or one per line)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
@@ -97,26 +98,56 @@ def _check_column(dataset, column: str, kind: str) -> None:
         raise CliError(f"unknown {kind} column '{column}'; the dataset has: {', '.join(dataset.column_names)}")
 
 
-def _classnames_for(dataset, args, labels: torch.Tensor) -> Tuple[List[str], List[str]]:
-    """Class names (file > built-in task > ClassLabel feature) and templates, checked against the labels."""
+def _classnames_for(dataset, args) -> Tuple[Optional[List[str]], List[str]]:
+    """Class names (file > built-in task > ClassLabel feature; None without any of them) and templates."""
     names, templates = None, ["a photo of a {}."]
     if args.task not in ("auto", "all"):
         names, templates = zs.load_task(args.task)
     feature = dataset.features.get(args.label_column)
-    declared = getattr(feature, "num_classes", None)
     if args.classnames:
         names = zs.load_classnames_file(args.classnames)
-    elif names is None and declared is not None:
+    elif names is None and getattr(feature, "num_classes", None) is not None:
         names = list(feature.names)
-    if names is None:
-        raise CliError(f"no class names: column '{args.label_column}' is not a ClassLabel; pass --classnames FILE")
     if args.templates:
         templates = zs.load_templates_file(args.templates)
+    return names, templates
+
+
+def _label_ids(dataset, column: str, names: Optional[List[str]]) -> torch.Tensor:
+    """Class ids of ``column``: a ClassLabel or integers as they are, strings mapped to their index in ``names``."""
+    import datasets
+
+    feature = dataset.features.get(column)
+    dtype = getattr(feature, "dtype", "")
+    if isinstance(feature, datasets.ClassLabel) or (isinstance(feature, datasets.Value) and dtype.startswith(("int", "uint"))):
+        return torch.tensor(dataset[column]).long()
+    strings = isinstance(feature, datasets.Value) and dtype in ("string", "large_string")
+    if strings and names is not None:
+        return _ids_from_names(dataset[column], names, column)
+    hint = " (or strings naming the classes, with --classnames FILE or a built-in --task)" if strings else ""
+    raise CliError(f"label column '{column}' holds {feature}: it must hold integer class ids or a ClassLabel{hint}")
+
+
+def _ids_from_names(values: Sequence, names: List[str], column: str) -> torch.Tensor:
+    """String labels -> their index in ``names``; a label that is not a class name is a :class:`CliError`."""
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({v for v in values if v not in index}, key=str)
+    if unknown:
+        raise CliError(f"label column '{column}' holds {len(unknown)} label(s) that are not among the "
+                       f"{len(names)} class names, e.g. {unknown[0]!r}")
+    return torch.tensor([index[v] for v in values], dtype=torch.long)
+
+
+def _check_classes(dataset, column: str, names: Optional[List[str]], labels: torch.Tensor) -> List[str]:
+    """The class names, checked against the declared number of classes and the range of the labels."""
+    if names is None:
+        raise CliError(f"no class names: column '{column}' is not a ClassLabel; pass --classnames FILE")
+    declared = getattr(dataset.features.get(column), "num_classes", None)
     if declared is not None and len(names) != declared:
         raise CliError(f"{len(names)} class names given but the label column declares {declared} classes")
     if int(labels.max()) >= len(names) or int(labels.min()) < 0:
         raise CliError(f"{len(names)} class names given but the labels range over {int(labels.min())}..{int(labels.max())}")
-    return names, templates
+    return names
 
 
 def load_tasks(args, resolution: int):
@@ -141,8 +172,9 @@ def load_tasks(args, resolution: int):
     _check_column(dataset, args.label_column, "label")
     if len(dataset) == 0:
         raise CliError("the dataset is empty")
-    labels = torch.tensor(dataset[args.label_column]).long()
-    names, templates = _classnames_for(dataset, args, labels)
+    names, templates = _classnames_for(dataset, args)
+    labels = _label_ids(dataset, args.label_column, names)
+    names = _check_classes(dataset, args.label_column, names, labels)
     task = args.task if args.task not in ("auto", "all") else Path(args.dataset).name
     return dataset, args.image_column, {task: (labels, names, templates)}
 
