@@ -51,17 +51,17 @@ def unknown_nested_keys(config: ClusterConfig) -> list[str]:
 
 
 def _tiny_diffdis_module():
-    """A tiny DiffDisModule (dual-stream UNet + CLIP text encoder), the object the trainer hands to FSDP."""
+    """A tiny DiffDisMethod (dual-stream UNet + CLIP text encoder), the object the trainer hands to FSDP."""
     from diffusers import DDPMScheduler
     from helpers_tiny import CONTEXT_DIM, tiny_text_encoder, tiny_tokenizer, tiny_unet
 
     from diffdis.config import LossConfig
     from diffdis.models.dual_stream_unet import DualStreamUNet
-    from diffdis.train.module import DiffDisModule, StepOptions
+    from diffdis.methods import DiffDisMethod
 
     unet = DualStreamUNet.from_unet(tiny_unet(sample_size=8), text_dim=CONTEXT_DIM)
     text_encoder = tiny_text_encoder(tiny_tokenizer(), with_projection=True)
-    return DiffDisModule(unet, text_encoder, DDPMScheduler(num_train_timesteps=10), StepOptions.from_config(LossConfig()))
+    return DiffDisMethod(unet, text_encoder, DDPMScheduler(num_train_timesteps=10), LossConfig())
 
 
 def test_every_config_file_is_checked():
