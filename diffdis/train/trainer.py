@@ -6,23 +6,24 @@ import contextlib
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
+import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from accelerate.utils import broadcast as accelerate_broadcast
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
-import datasets
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .. import methods
 from ..config import save_config
 from ..data.replacing import DataError, ExampleStream, ReplacingDataset, StreamPosition
 from ..data.transforms import choose_captions, tokenize
@@ -30,7 +31,6 @@ from .build import build_components, build_optimizer, caption_corpus, load_split
 from .checkpoint import Counter, GeneratorState, PerProcessState, read_step, register_hooks, resolve_resume, save_checkpoint
 from .evaluation import TrainingEvaluator
 from .history import History
-from .. import methods
 from .plan import StepPlan, rebuild_lr_schedule
 
 logger = get_logger("diffdis.train")
@@ -216,8 +216,44 @@ def _load_checkpoint(accelerator, checkpoint: Path) -> None:
                          "resume with the config the checkpoint was made with") from err
 
 
+@dataclass
+class Run:
+    """What a training run holds between its named steps (:func:`setup`, :func:`loop`, :func:`finish`)."""
+
+    cfg: Any
+    accelerator: Accelerator
+    out: Path
+    components: Any
+    module: Any  # the method, wrapped by accelerate
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    steps_per_epoch: Optional[int]  # None for a stream
+    generator: torch.Generator
+    plan: StepPlan
+    replaced: Counter  # unusable examples met (and replaced) by this process
+    position: StreamPosition  # streaming: where this process's trained batches stopped
+    history: History
+    empty_ids: torch.Tensor
+    ema: Optional[EMAModel] = None
+    val_batches: List[dict] = field(default_factory=list)
+    evaluator: Optional[TrainingEvaluator] = None
+    global_step: int = 0
+
+
 def train(cfg) -> Path:
-    """Train DiffDis as configured; returns the final model folder."""
+    """Train the configured method; returns the final model folder."""
+    run = setup(cfg)
+    loop(run)
+    return finish(run)
+
+
+def setup(cfg) -> Run:
+    """Data, components, method, optimiser and checkpointed state; resumed from a checkpoint where one is asked for.
+
+    The output folder is created only once the data and weights have loaded, and its config.yaml written only once
+    a resumed checkpoint has loaded: bad input leaves nothing behind.
+    """
     accelerator = make_accelerator(cfg)
     t = cfg.train
     out = Path(t.output_dir)
@@ -228,19 +264,7 @@ def train(cfg) -> Path:
     resume = resolve_resume(out, t.resume_from_checkpoint)
     if t.resume_from_checkpoint == "latest" and resume is None:
         logger.warning(f"resume_from_checkpoint=latest: no checkpoint in {out}; training from step 0", main_process_only=True)
-
-    cached = bool(cfg.data.cache_dir)  # latents encoded once by tools/cache.py
-    train_set = None if cached else load_split(cfg.data, cfg.data.split, num_samples=cfg.data.num_train_samples)
-    tokenizer_saved = (out / "tokenizer" / "tokenizer.json").is_file()
-    captions = None if cfg.model.pretrained or tokenizer_saved or cached else caption_corpus(train_set)
-    components = build_components(cfg, captions, tokenizer_dir=out / "tokenizer")
-    if cached:
-        train_set, collate = open_latent_cache(cfg, components.vae)
-    else:
-        collate = make_collator(cfg, components.tokenizer, defer_choice=True)
-    iterable = isinstance(train_set, datasets.IterableDataset)
-    if not cached:
-        check_usable(accelerator, train_set, collate.prepare, iterable)
+    train_set, collate, components = _data_and_components(cfg, accelerator, out)
     if accelerator.is_main_process:  # only now: bad data or weights leave no output folder behind
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.model.pretrained:
@@ -253,9 +277,10 @@ def train(cfg) -> Path:
     generator = torch.Generator(device=accelerator.device).manual_seed(t.seed * 1000 + accelerator.process_index)
     # captions are drawn in the step from the checkpointed generator (see ImageTextCollator.defer_choice);
     # random crops/flips (off for the embedded data) use the global RNG and are not bit-exact on resume
+    iterable = isinstance(train_set, datasets.IterableDataset)
     loader = None
     if not iterable:  # unusable examples are replaced by seeded draws, so every process's batch keeps its size
-        examples = train_set if cached else ReplacingDataset(train_set, collate.prepare, seed=t.seed)
+        examples = train_set if cfg.data.cache_dir else ReplacingDataset(train_set, collate.prepare, seed=t.seed)
         loader = DataLoader(
             examples, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers
         )
@@ -270,20 +295,9 @@ def train(cfg) -> Path:
         module, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
     else:  # a stream is split per process by ExampleStream itself, not dispatched from the main process
         module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
-    ema = None
-    if t.ema.use:
-        e = t.ema
-        ema = EMAModel(accelerator.unwrap_model(module).parameters(), decay=e.decay, use_ema_warmup=e.warmup, inv_gamma=e.inv_gamma, power=e.power)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    accelerator.register_for_checkpointing(PerProcessState(GeneratorState(generator), accelerator, "generator"))
-    plan = StepPlan(t.max_steps, t.max_minutes)
-    accelerator.register_for_checkpointing(plan)
-    replaced = Counter()  # unusable examples met (and replaced) by this process
-    position = StreamPosition()  # streaming: where this process's trained batches stopped
-    accelerator.register_for_checkpointing(PerProcessState(replaced, accelerator, "replaced-examples"))
-    accelerator.register_for_checkpointing(PerProcessState(position, accelerator, "stream position"))
-    register_hooks(accelerator)
+    ema = _ema(cfg, accelerator, module)
+    plan, replaced, position = StepPlan(t.max_steps, t.max_minutes), Counter(), StreamPosition()
+    _register_state(accelerator, ema, generator, plan, replaced, position)
 
     empty_ids = components.tokenizer(
         [""], padding="max_length", max_length=components.tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -293,15 +307,7 @@ def train(cfg) -> Path:
     if t.eval_every > 0:
         with accelerator.main_process_first():  # the main process trains and caches the reference classifier if absent
             evaluator = TrainingEvaluator.from_config(cfg, accelerator)
-    global_step = 0
-    if resume is not None:
-        _load_checkpoint(accelerator, resume)
-        if ema is not None:  # EMAModel.load_state_dict keeps the loaded (CPU) shadow weights where they were loaded
-            ema.to(accelerator.device)
-        global_step = read_step(resume)
-        logger.info(f"resumed from {resume} at step {global_step}", main_process_only=True)
-        if plan.total != t.max_steps:  # a time-fitted plan made before the checkpoint
-            rebuild_lr_schedule(lr_scheduler, t.lr_scheduler, t.lr_warmup_steps, plan.total, accelerator.num_processes)
+    global_step = _restore(accelerator, resume, ema, plan, lr_scheduler, t) if resume is not None else 0
     if accelerator.is_main_process:  # only now: a checkpoint that does not fit leaves the folder's config as it was
         save_config(cfg, out / "config.yaml")
     if accelerator.is_main_process and t.report_to != "none":
@@ -317,96 +323,179 @@ def train(cfg) -> Path:
         raise ValueError(f"the training set has fewer than {t.batch_size * accelerator.num_processes} examples: lower train.batch_size")
     history = History(out / "logs" / "history.jsonl", enabled=accelerator.is_main_process, resume_step=global_step)
     logger.info(f"training {sum(p.numel() for p in module.parameters()) / 1e6:.2f} M parameters for {t.max_steps} steps", main_process_only=True)
+    return Run(cfg, accelerator, out, components, module, optimizer, lr_scheduler, loader, steps_per_epoch, generator, plan,
+               replaced, position, history, empty_ids, ema, val_batches, evaluator, global_step)
 
-    progress = tqdm(total=plan.total, initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
-    batches = training_batches(accelerator, loader, steps_per_epoch, global_step, t.gradient_accumulation_steps)
-    tic, tic_step = time.perf_counter(), global_step
-    start, out_of_time, steps_run = time.perf_counter(), False, 0
+
+def _data_and_components(cfg, accelerator, out: Path):
+    """The training examples, their collator and the components (a tiny model's tokenizer is trained on the captions)."""
+    cached = bool(cfg.data.cache_dir)  # latents encoded once by tools/cache.py
+    train_set = None if cached else load_split(cfg.data, cfg.data.split, num_samples=cfg.data.num_train_samples)
+    tokenizer_saved = (out / "tokenizer" / "tokenizer.json").is_file()
+    captions = None if cfg.model.pretrained or tokenizer_saved or cached else caption_corpus(train_set)
+    components = build_components(cfg, captions, tokenizer_dir=out / "tokenizer")
+    if cached:
+        train_set, collate = open_latent_cache(cfg, components.vae)
+    else:
+        collate = make_collator(cfg, components.tokenizer, defer_choice=True)
+        check_usable(accelerator, train_set, collate.prepare, isinstance(train_set, datasets.IterableDataset))
+    return train_set, collate, components
+
+
+def _ema(cfg, accelerator, module) -> Optional[EMAModel]:
+    e = cfg.train.ema
+    if not e.use:
+        return None
+    ema = EMAModel(accelerator.unwrap_model(module).parameters(), decay=e.decay, use_ema_warmup=e.warmup, inv_gamma=e.inv_gamma, power=e.power)
+    ema.to(accelerator.device)
+    return ema
+
+
+def _register_state(accelerator, ema, generator, plan, replaced, position) -> None:
+    """Everything a checkpoint saves besides the model, optimiser and schedule (order matters to old checkpoints)."""
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(PerProcessState(GeneratorState(generator), accelerator, "generator"))
+    accelerator.register_for_checkpointing(plan)
+    accelerator.register_for_checkpointing(PerProcessState(replaced, accelerator, "replaced-examples"))
+    accelerator.register_for_checkpointing(PerProcessState(position, accelerator, "stream position"))
+    register_hooks(accelerator)
+
+
+def _restore(accelerator, resume: Path, ema, plan, lr_scheduler, t) -> int:
+    """Load a checkpoint; returns its step."""
+    _load_checkpoint(accelerator, resume)
+    if ema is not None:  # EMAModel.load_state_dict keeps the loaded (CPU) shadow weights where they were loaded
+        ema.to(accelerator.device)
+    step = read_step(resume)
+    logger.info(f"resumed from {resume} at step {step}", main_process_only=True)
+    if plan.total != t.max_steps:  # a time-fitted plan made before the checkpoint
+        rebuild_lr_schedule(lr_scheduler, t.lr_scheduler, t.lr_warmup_steps, plan.total, accelerator.num_processes)
+    return step
+
+
+def loop(run: Run) -> None:
+    """Train until the plan's last step or the time budget: a step per batch, then logging, validation,
+    evaluation and checkpoints at their intervals."""
+    t, accelerator = run.cfg.train, run.accelerator
+    progress = tqdm(total=run.plan.total, initial=run.global_step, disable=not accelerator.is_local_main_process, desc="train")
+    batches = training_batches(accelerator, run.loader, run.steps_per_epoch, run.global_step, t.gradient_accumulation_steps)
+    clock = {"start": time.perf_counter(), "tic": time.perf_counter(), "tic_step": run.global_step, "steps_run": 0}
     latest: Dict[str, torch.Tensor] = {}
-    if global_step < plan.total:  # the batches never end: the loop stops at the planned step or the time budget
+    if run.global_step < run.plan.total:  # the batches never end: the loop stops at the planned step or the time budget
         for batch in batches:
-            replaced.value += int(batch.get("num_replaced", 0))
-            with accelerator.accumulate(module):
-                latents = batch_latents(batch, components.vae, generator, accelerator.device)
-                captions = choose_captions(batch["caption_options"], generator)
-                input_ids = tokenize(components.tokenizer, captions).to(accelerator.device)
-                losses = module(latents, input_ids, empty_ids, generator, step=global_step)
-                accelerator.backward(losses["loss"])
-                latest = _latest_losses(latest, losses, cfg.loss.lambda_ita)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            position.update(batch.get("stream_state"))
+            latest = _latest_losses(latest, train_step(run, batch), run.cfg.loss.lambda_ita)
             if not accelerator.sync_gradients:
                 continue
-            global_step += 1
-            steps_run += 1
+            run.global_step += 1
+            clock["steps_run"] += 1
             progress.update(1)
-            if not plan.planned:
-                # every process measures at the same steps; the main process's total is broadcast so all agree
-                previous = plan.total
-                message = plan.observe(steps_run, global_step, time.perf_counter() - start)
-                if message is not None:
-                    total = torch.tensor([plan.total], device=accelerator.device)
-                    plan.total = int(accelerate_broadcast(total).item())
-                    if plan.total != previous:
-                        rebuild_lr_schedule(lr_scheduler, t.lr_scheduler, t.lr_warmup_steps, plan.total, accelerator.num_processes)
-                        progress.total = plan.total
-                        progress.refresh()
-                    logger.info(message, main_process_only=True)
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(module).parameters())
-            if global_step % t.log_every == 0 or global_step == plan.total:
-                elapsed = time.perf_counter() - tic
-                logs = {f"train/{k}": accelerator.reduce(v.float(), reduction="mean").item() for k, v in latest.items()}
-                logs["train/lr"] = lr_scheduler.get_last_lr()[0]
-                logs["train/replaced_examples"] = accelerator.reduce(torch.tensor(float(replaced.value), device=accelerator.device), reduction="sum").item()
-                logs["train/steps_per_s"] = (global_step - tic_step) / max(elapsed, 1e-9)
-                logs["train/images_per_s"] = logs["train/steps_per_s"] * t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps
-                tic, tic_step = time.perf_counter(), global_step
-                accelerator.log(logs, step=global_step)
-                history.add(global_step, logs)
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-            if val_batches and (global_step % t.validation_every == 0 or global_step == plan.total):
-                with ema_weights(ema, module.parameters()):
-                    val = validation_losses(accelerator, module, components.vae, val_batches, empty_ids, seed=t.seed + 12345)
-                accelerator.log(val, step=global_step)
-                history.add(global_step, val)
-                logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()), main_process_only=True)
-            if evaluator is not None and (global_step % t.eval_every == 0 or global_step == plan.total):
-                run_evaluation(accelerator, evaluator, module, components, ema, history, out, global_step)
-            if t.checkpointing_steps and global_step % t.checkpointing_steps == 0 and global_step < plan.total:
-                save_checkpoint(accelerator, out, global_step, t.checkpoints_total_limit)
-            if t.max_minutes and global_step % t.log_every == 0:  # all processes agree on when to stop
-                late = torch.tensor(float(time.perf_counter() - start > 60 * t.max_minutes), device=accelerator.device)
-                out_of_time = accelerator.reduce(late, reduction="sum").item() > 0
-            if global_step >= plan.total or out_of_time:
+            _fit_plan(run, clock, progress)
+            if run.ema is not None:
+                run.ema.step(accelerator.unwrap_model(run.module).parameters())
+            if _after_step(run, latest, clock, progress):
                 break
     progress.close()
 
+
+def train_step(run: Run, batch: dict) -> Dict[str, torch.Tensor]:
+    """Forward, backward and optimiser step (under gradient accumulation) on one batch; returns its losses."""
+    accelerator, t = run.accelerator, run.cfg.train
+    run.replaced.value += int(batch.get("num_replaced", 0))
+    with accelerator.accumulate(run.module):
+        latents = batch_latents(batch, run.components.vae, run.generator, accelerator.device)
+        captions = choose_captions(batch["caption_options"], run.generator)
+        input_ids = tokenize(run.components.tokenizer, captions).to(accelerator.device)
+        losses = run.module(latents, input_ids, run.empty_ids, run.generator, step=run.global_step)
+        accelerator.backward(losses["loss"])
+        if accelerator.sync_gradients and t.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.module.parameters(), t.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.position.update(batch.get("stream_state"))
+    return losses
+
+
+def _fit_plan(run: Run, clock: dict, progress) -> None:
+    """With a time budget, fit the number of steps to the measured speed (every process agrees on the main one's)."""
+    plan, t = run.plan, run.cfg.train
+    if plan.planned:
+        return
+    previous = plan.total
+    message = plan.observe(clock["steps_run"], run.global_step, time.perf_counter() - clock["start"])
+    if message is None:
+        return
+    total = torch.tensor([plan.total], device=run.accelerator.device)
+    plan.total = int(accelerate_broadcast(total).item())
+    if plan.total != previous:
+        rebuild_lr_schedule(run.lr_scheduler, t.lr_scheduler, t.lr_warmup_steps, plan.total, run.accelerator.num_processes)
+        progress.total = plan.total
+        progress.refresh()
+    logger.info(message, main_process_only=True)
+
+
+def _after_step(run: Run, latest: Dict[str, torch.Tensor], clock: dict, progress) -> bool:
+    """Log, validate, evaluate and checkpoint when due; True when training should stop."""
+    t, accelerator, step, last = run.cfg.train, run.accelerator, run.global_step, run.plan.total
+    if step % t.log_every == 0 or step == last:
+        _log_training(run, latest, clock, progress)
+    if run.val_batches and (step % t.validation_every == 0 or step == last):
+        with ema_weights(run.ema, run.module.parameters()):
+            val = validation_losses(accelerator, run.module, run.components.vae, run.val_batches, run.empty_ids, seed=t.seed + 12345)
+        accelerator.log(val, step=step)
+        run.history.add(step, val)
+        logger.info(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()), main_process_only=True)
+    if run.evaluator is not None and (step % t.eval_every == 0 or step == last):
+        run_evaluation(accelerator, run.evaluator, run.module, run.components, run.ema, run.history, run.out, step)
+    if t.checkpointing_steps and step % t.checkpointing_steps == 0 and step < last:
+        save_checkpoint(accelerator, run.out, step, t.checkpoints_total_limit)
+    out_of_time = False
+    if t.max_minutes and step % t.log_every == 0:  # all processes agree on when to stop
+        late = torch.tensor(float(time.perf_counter() - clock["start"] > 60 * t.max_minutes), device=accelerator.device)
+        out_of_time = accelerator.reduce(late, reduction="sum").item() > 0
+    return step >= last or out_of_time
+
+
+def _log_training(run: Run, latest: Dict[str, torch.Tensor], clock: dict, progress) -> None:
+    t, accelerator, step = run.cfg.train, run.accelerator, run.global_step
+    elapsed = time.perf_counter() - clock["tic"]
+    logs = {f"train/{k}": accelerator.reduce(v.float(), reduction="mean").item() for k, v in latest.items()}
+    logs["train/lr"] = run.lr_scheduler.get_last_lr()[0]
+    replaced = torch.tensor(float(run.replaced.value), device=accelerator.device)
+    logs["train/replaced_examples"] = accelerator.reduce(replaced, reduction="sum").item()
+    logs["train/steps_per_s"] = (step - clock["tic_step"]) / max(elapsed, 1e-9)
+    logs["train/images_per_s"] = logs["train/steps_per_s"] * t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    clock["tic"], clock["tic_step"] = time.perf_counter(), step
+    accelerator.log(logs, step=step)
+    run.history.add(step, logs)
+    progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+
+
+def finish(run: Run) -> Path:
+    """Write the final model folder (EMA weights where EMA is on), the curves and ``train_summary.json``."""
+    accelerator, t = run.accelerator, run.cfg.train
     accelerator.wait_for_everyone()
-    final = accelerator.unwrap_model(module)
+    final = accelerator.unwrap_model(run.module)
     # one checksum per process: DDP must keep the replicas identical
     checksum = torch.stack([p.detach().double().sum() for p in final.parameters()]).sum()
     checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
-    replaced_per_process = [int(v) for v in accelerator.gather(torch.tensor([replaced.value], device=accelerator.device)).tolist()]
-    model_dir = out / "model"
+    replaced = [int(v) for v in accelerator.gather(torch.tensor([run.replaced.value], device=accelerator.device)).tolist()]
+    model_dir = run.out / "model"
     if accelerator.is_main_process:
-        export_model(components, final, cfg, model_dir, ema)
-        history.plot(out / "curves.png")
+        export_model(run.components, final, run.cfg, model_dir, run.ema)
+        run.history.plot(run.out / "curves.png")
         summary = {
-            "global_step": global_step,
-            "planned_steps": plan.total,
+            "global_step": run.global_step,
+            "planned_steps": run.plan.total,
             "configured_steps": t.max_steps,
             "num_processes": accelerator.num_processes,
             "replica_param_checksums": checksums,
-            "num_skipped_examples": sum(replaced_per_process),  # unusable examples met, each replaced by a usable one
-            "num_skipped_examples_per_process": replaced_per_process,
-            "metrics": history.summary(),
+            "num_skipped_examples": sum(replaced),  # unusable examples met, each replaced by a usable one
+            "num_skipped_examples_per_process": replaced,
+            "metrics": run.history.summary(),
         }
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return model_dir
