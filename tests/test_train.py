@@ -1,7 +1,6 @@
 """The trainer end to end: accelerate launch, files written, exact resume, two processes, bad input."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,29 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import free_port
+from helpers_train import TRAIN, accelerate, train_env
 from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = str(ROOT / "tools" / "train.py")
-
-
-def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-def accelerate(args, num_processes=1, check=True):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if num_processes > 1:
-        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", free_port()]
-    else:
-        launcher += ["--num_processes", "1", "--cpu"]
-    proc = subprocess.run(launcher + [TRAIN] + args, env=_env(), capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +124,7 @@ def test_bad_input_one_line_error(tmp_path, tiny_overrides, override, message, t
     else:
         override = [override]
     proc = subprocess.run([sys.executable, TRAIN] + tiny_overrides + [f"train.output_dir={out}", "train.max_steps=1"] + override,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
@@ -167,7 +145,7 @@ def test_resuming_a_checkpoint_of_another_config_is_a_one_line_error(tmp_path, t
     accelerate(common + ["train.max_steps=2", "train.checkpointing_steps=1"])  # writes checkpoint-1
     config_before, model_before = (out / "config.yaml").read_bytes(), weights(out / "model")
     proc = subprocess.run([sys.executable, TRAIN] + common + ["train.max_steps=3", "train.resume_from_checkpoint=latest", override],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
     assert last.startswith("error: ValueError: resume_from_checkpoint:") and message in last, proc.stderr[-2000:]

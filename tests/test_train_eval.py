@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TRAIN_OVERRIDES
-from test_train import accelerate  # the accelerate-launch helper of the trainer tests
+from helpers_train import accelerate
 
 from diffdis.config import ConfigError, load_config
 from diffdis.data.embedded import COLOURS, SHAPES, make_embedded_dataset
