@@ -263,6 +263,7 @@ def test_cli_under_two_processes_matches_one(imagefolder, tmp_path):
     assert torch.allclose(two["latent_mean"], one["latent_mean"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_on_the_cache_trains_exactly_as_one_that_encodes_every_batch(tmp_path):
     """The trainer with data.cache_dir: the same losses and weights as encoding each batch with the VAE (same seed),
     up to float rounding: the cache encoded the images in other batch groupings than the shuffled training batches."""

@@ -61,6 +61,7 @@ def _partial_copy(sd_folder: Path, dest: Path, subfolders) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_a_folder_without_unet_is_a_one_line_error_and_writes_nothing(sd_folder, tmp_path):
     broken = _partial_copy(sd_folder, tmp_path / "sd", ("tokenizer", "text_encoder", "vae", "scheduler"))
     out = tmp_path / "run"
@@ -81,6 +82,7 @@ def test_a_folder_without_scheduler_takes_the_config_noise_section(sd_folder, tm
     assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.beta_end == 0.012
 
 
+@pytest.mark.slow
 def test_fine_tunes_a_stable_diffusion_folder_and_exports_it_back(sd_folder, tmp_path):
     out = tmp_path / "run"
     accelerate([

@@ -23,6 +23,7 @@ def tiny_imagefolder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_trains_on_a_local_imagefolder(tmp_path, tiny_overrides, tiny_imagefolder):
     out = tmp_path / "folder_run"
     accelerate(tiny_overrides + [f"data.name={tiny_imagefolder}", "data.validation_split=null", f"train.output_dir={out}",
@@ -30,6 +31,7 @@ def test_trains_on_a_local_imagefolder(tmp_path, tiny_overrides, tiny_imagefolde
     assert (out / "model" / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_patch_and_plain_pixel_models_save_what_the_pipeline_loads(tmp_path, tiny_overrides):
     """The default folds 2x2 patches (a vae/ folder with a PatchAutoencoder); patch_size=1 is plain pixel space."""
     from diffdis.models.patch_autoencoder import PatchAutoencoder
@@ -54,6 +56,7 @@ def weights(model_dir: Path):
     return load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_step_run_writes_everything(tmp_path, tiny_overrides):
     out = tmp_path / "run"
     proc = accelerate(tiny_overrides + [f"train.output_dir={out}", "train.max_steps=2", "train.checkpointing_steps=1"])
@@ -74,6 +77,7 @@ def test_two_step_run_writes_everything(tmp_path, tiny_overrides):
     assert cfg["_class_name"] == "DualStreamUNet"
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, tiny_overrides):
     common = tiny_overrides + ["train.max_steps=4", "train.checkpointing_steps=2", "train.checkpoints_total_limit=5",
                                "data.num_train_samples=12", "train.validation_every=0"]  # 3 steps per epoch: resume crosses an epoch
@@ -93,6 +97,7 @@ def test_resume_is_exact(tmp_path, tiny_overrides):
     assert not all(torch.equal(a[k], mid[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_keep_replicas_identical(tmp_path, tiny_overrides):
     # loss.ita_every=2: step 1 leaves the text stream without gradients; DDP must carry on into step 2
     out = tmp_path / "ddp"
@@ -110,11 +115,11 @@ def test_two_processes_keep_replicas_identical(tmp_path, tiny_overrides):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.max_stepz=2", "max_stepz"),
-        ("data.name=/no/such/folder", "no/such/folder"),
-        ("data.caption_column=nope", "nope"),
-        ("data.image_column=pixels", "pixels"),
-        ("train.resume_from_checkpoint=/no/ckpt", "not a complete diffdis checkpoint"),
+        ("train.max_stepz=2", "max_stepz"),  # refused before the trainer starts
+        pytest.param("data.name=/no/such/folder", "no/such/folder", marks=pytest.mark.slow),
+        pytest.param("data.caption_column=nope", "nope", marks=pytest.mark.slow),
+        pytest.param("data.image_column=pixels", "pixels", marks=pytest.mark.slow),
+        pytest.param("train.resume_from_checkpoint=/no/ckpt", "not a complete diffdis checkpoint", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, tiny_overrides, override, message, tiny_imagefolder):
@@ -131,6 +136,7 @@ def test_bad_input_one_line_error(tmp_path, tiny_overrides, override, message, t
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, message",
     [
