@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (no GPU, no hub access needed):
 #   make demo   create .venv, install, train the tiny model on the embedded data, then sample and evaluate it
-#   make test   same install, then the test suite
+#   make test   same install, then the whole test suite (what CI runs)
+# make test-fast skips the tests marked slow (end-to-end runs over about 5 s each).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 DEMO_DIR ?= outputs/tiny
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-fast test-all clean
 
 $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +26,12 @@ demo: install
 	$(PY) tools/demo.py --out $(DEMO_DIR)
 
 test: install
+	$(PY) -m pytest -q
+
+test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: install
-	$(PY) -m pytest -q
+test-all: test
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,22 +1,16 @@
-"""Small on-disk datasets a user would bring (imagefolders, webdataset shards), some files corrupt, and a
-launcher for ``tools/train.py`` under ``accelerate launch`` (one process, or two gloo processes on the CPU)."""
+"""Small on-disk datasets a user would bring (imagefolders, webdataset shards), some files corrupt."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from PIL import Image
 
-from helpers_tiny import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 CORRUPT = b"\x89PNG\r\n\x1a\n this is not an image"
 
 
@@ -58,20 +52,3 @@ def write_shards(root: Path, sizes: Sequence[int], corrupt: Iterable[int] = ()) 
                 i += 1
         paths.append(str(path))
     return paths
-
-
-def launch_train(args: Sequence[str], num_processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``accelerate launch tools/train.py ARGS`` on the CPU (gloo for two or more processes)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"]
-    if num_processes > 1:
-        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", free_port()]
-    else:
-        launcher += ["--num_processes", "1", "--cpu"]
-    proc = subprocess.run(launcher + [str(ROOT / "tools" / "train.py"), *args], env=env, capture_output=True, text=True,
-                          timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc

@@ -1,66 +1,183 @@
-"""tools/benchmark.py: both subcommands write their JSON with the ratios; bad input is a one-line error."""
+"""benchmarks/: each benchmark runs in a tiny setting; both arms ran the same work, the reference arm is the diffusers
+one, the JSON has every field with positive finite timings; bad input is a one-line error."""
 
 from __future__ import annotations
 
 import json
+import math
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from helpers_tiny import CONTEXT_DIM, tiny_components
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from benchmarks import run
+from benchmarks.timing import time_interleaved
+from diffdis.models import DualStreamUNet
+from diffdis.pipelines import DiffDisPipeline
 
-import benchmark  # noqa: E402  (tools/benchmark.py)
-
-
-def test_benchmark_sample_writes_ratio(tmp_path):
-    out = tmp_path / "s.json"
-    assert benchmark.main(["sample", "--steps", "2", "--repeats", "1", "--batch-size", "2", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["ratio"] == pytest.approx(result["ours_s"] / result["vanilla_s"])
-    # the default folds 2x2 patches: its 16x16 images are 8x8 latents, which the stand-in VAE (factor 1) is called at
-    assert result["image_size"] == 16 and result["resolution"] == 8
-    assert result["num_prompts"] == 2 and result["steps"] == 2
-    assert "stand-in" in result["vae"] and result["unet_generation_params"] > 1e6
-
-
-def test_benchmark_zeroshot_writes_rates(tmp_path):
-    out = tmp_path / "z.json"
-    args = ["zeroshot", "--steps", "2", "--repeats", "1", "--batch-size", "2", "--classes", "10", "50",
-            "--dc-timesteps", "2", "--dc-images", "1", "--out", str(out)]
-    assert benchmark.main(args) == 0
-    result = json.loads(out.read_text())
-    for key in ("diffdis_10_classes_img_s", "diffdis_50_classes_img_s", "diffusion_classifier_img_s", "joint_img_s",
-                "one_way_cached_img_s"):
-        assert result[key] > 0
-    assert result["class_count_ratio"] == pytest.approx(
-        result["diffdis_10_classes_img_s"] / result["diffdis_50_classes_img_s"])
+# what run.py adds to every result
+COMMON = ("benchmark", "model", "device", "device_name", "dtype", "torch_threads", "torch_version", "batch_size",
+          "repeats", "wall_s", "command", "commit")
+SAMPLE = ("ours_s", "vanilla_s", "ratio", "ours_runs_s", "vanilla_runs_s", "steps", "num_prompts", "resolution",
+          "image_size", "guidance", "scheduler", "vae", "unet_generation_params", "xformers", "reference",
+          "ours_pipeline", "vanilla_pipeline", "ours_output_shape", "vanilla_output_shape", "ours_unet_calls",
+          "vanilla_unet_calls", "ours_unet_input_shape", "vanilla_unet_input_shape")
+ZEROSHOT = ("steps", "guidance", "batch_size", "dc_timesteps", "dc_classes", "class_counts", "latent_shape",
+            "joint_img_s", "one_way_cached_img_s", "class_count_ratio", "one_way_speedup", "diffusion_classifier_img_s",
+            "diffusion_classifier_slowdown", "joint_fusion", "one_way_cached_fusion", "joint_uses_cache",
+            "one_way_cached_uses_cache", "diffusion_classifier_logits_shape", "resolution", "images", "reference")
+TRAIN = ("ours_step_s", "reference_step_s", "ratio", "ours_img_s", "reference_img_s", "ours_runs_s",
+         "reference_runs_s", "steps_per_round", "train_batch", "latent_shape", "ours_unet", "reference_unet",
+         "ours_text_encoder", "reference_text_encoder", "ours_optimizer", "reference_optimizer",
+         "ours_unet_input_shape", "reference_unet_input_shape", "image_size", "unet_generation_params", "preset",
+         "overrides", "lambda_ita", "ig_fraction", "prediction_type", "reference")
+SMALL_UNET = ["model.unet.block_out_channels=[16,32]", "model.unet.norm_num_groups=8", "model.unet.attention_head_dim=2",
+              "model.text_encoder.hidden_size=32", "model.text_encoder.num_hidden_layers=1",
+              "model.text_encoder.num_attention_heads=2", "model.text_encoder.intermediate_size=64",
+              "model.text_encoder.projection_dim=16", "model.post_mid_layers=1"]
 
 
-def test_benchmark_bad_input(tmp_path, capsys):
-    assert benchmark.main(["sample", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")]) == 2
+def _run(argv, out: Path) -> dict:
+    assert run.main([*argv, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _check_fields(result: dict, fields) -> None:
+    missing = [k for k in (*COMMON, *fields) if k not in result]
+    assert not missing, missing
+
+
+def _check_positive(result: dict, keys) -> None:
+    for key in keys:
+        values = result[key] if isinstance(result[key], list) else [result[key]]
+        assert values and all(math.isfinite(v) and v > 0 for v in values), (key, result[key])
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Tiny DiffDis model folders: pixel space (8x8 images) and latent space (16x16 images, AutoencoderKL)."""
+    folders = {}
+    for name in ("pixel", "latent"):
+        parts = tiny_components(latent=name == "latent", with_projection=True)
+        parts["unet"] = DualStreamUNet.from_unet(parts["unet"], text_dim=CONTEXT_DIM)
+        folders[name] = tmp_path_factory.mktemp(name)
+        DiffDisPipeline(**parts).save_pretrained(folders[name])
+        (folders[name] / "diffdis_config.yaml").write_text("loss:\n  text_scale: 0.8\n")
+    return folders
+
+
+def test_time_interleaved_warms_up_then_rotates_who_goes_first():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    times = time_interleaved(calls, 3, torch.device("cpu"))
+    assert order == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    with pytest.raises(ValueError, match="repeats"):
+        time_interleaved(calls, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_sample_both_pipelines_do_the_same_work(model_dirs, space, tmp_path):
+    result = _run(["sample", "--model", str(model_dirs[space]), "--steps", "2", "--repeats", "2", "--batch-size", "2",
+                   "--device", "cpu"], tmp_path / "s.json")
+    _check_fields(result, SAMPLE)
+    assert result["vanilla_pipeline"] == (
+        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline")
+    assert result["ours_pipeline"] == "diffdis.pipelines.text_to_image.DiffDisPipeline"
+    size = result["resolution"]  # what both were called at
+    assert result["ours_output_shape"] == result["vanilla_output_shape"] == [2, size, size, 3]
+    assert result["ours_unet_calls"] == result["vanilla_unet_calls"] == 2  # one batched (cond, uncond) call per step
+    assert result["ours_unet_input_shape"] == result["vanilla_unet_input_shape"]
+    assert result["ours_unet_input_shape"][0] == 4  # 2 prompts, with and without the text
+    assert result["steps"] == 2 and result["num_prompts"] == result["batch_size"] == 2 and result["repeats"] == 2
+    assert len(result["ours_runs_s"]) == len(result["vanilla_runs_s"]) == 2
+    _check_positive(result, ("ours_s", "vanilla_s", "ratio", "ours_runs_s", "vanilla_runs_s", "wall_s",
+                             "unet_generation_params"))
+    if space == "pixel":  # both pipelines got the same stand-in VAE, called at the model's own size
+        assert "stand-in" in result["vae"] and size == result["image_size"] == 8
+    else:
+        assert result["vae"] == "the model's own" and size == result["image_size"] == 16
+    assert result["benchmark"] == "sample" and result["command"].startswith("python benchmarks/run.py sample")
+
+
+def test_zeroshot_arms_classify_the_same_images(model_dirs, tmp_path):
+    result = _run(["zeroshot", "--model", str(model_dirs["pixel"]), "--steps", "2", "--repeats", "1",
+                   "--batch-size", "2", "--classes", "10", "50", "--dc-timesteps", "2", "--dc-images", "1",
+                   "--device", "cpu"], tmp_path / "z.json")
+    _check_fields(result, (*ZEROSHOT, "diffdis_10_classes_img_s", "diffdis_50_classes_img_s"))
+    arms = ("diffdis_10_classes", "diffdis_50_classes", "joint", "one_way_cached")
+    for arm in arms:
+        assert result[f"{arm}_predictions_shape"] == [2], arm  # every arm classified the whole batch
+    assert result["latent_shape"] == [3, 8, 8] and result["batch_size"] == 2 and result["class_counts"] == [10, 50]
+    # the fusion arms really switch the fusion (and the cache) on the same weights
+    assert (result["joint_fusion"], result["joint_uses_cache"]) == ("joint", False)
+    assert (result["one_way_cached_fusion"], result["one_way_cached_uses_cache"]) == ("one_way", True)
+    # the reference: the diffusion classifier over the first class count
+    assert result["diffusion_classifier_logits_shape"] == [1, 10] and result["dc_classes"] == 10
+    assert result["reference"].startswith("diffdis.eval.zeroshot.diffusion_classifier_logits")
+    _check_positive(result, (*(f"{arm}_img_s" for arm in arms), "class_count_ratio", "one_way_speedup",
+                             "diffusion_classifier_img_s", "diffusion_classifier_slowdown", "wall_s"))
+
+
+def test_train_reference_is_the_plain_diffusers_step_on_the_same_batch(tmp_path):
+    result = _run(["train", "--steps-per-round", "1", "--repeats", "1", "--batch-size", "4", "--device", "cpu",
+                   *SMALL_UNET], tmp_path / "t.json")
+    _check_fields(result, TRAIN)
+    assert result["reference_unet"] == "diffusers.models.unets.unet_2d_condition.UNet2DConditionModel"
+    assert result["ours_unet"] == "diffdis.models.dual_stream_unet.DualStreamUNet"
+    assert result["reference_text_encoder"] == result["ours_text_encoder"]
+    assert result["reference_optimizer"] == result["ours_optimizer"] == "torch.optim.adamw.AdamW"
+    # the default folds 2x2 patches: 16x16 images are 8x8x12 latents for both generation UNets
+    assert result["ours_unet_input_shape"] == result["reference_unet_input_shape"] == result["latent_shape"] == [12, 8, 8]
+    assert result["train_batch"] == result["batch_size"] == 4 and result["image_size"] == 16
+    assert result["overrides"] == SMALL_UNET and result["steps_per_round"] == 1
+    _check_positive(result, ("ours_step_s", "reference_step_s", "ratio", "ours_img_s", "reference_img_s", "ours_runs_s",
+                             "reference_runs_s", "wall_s"))
+
+
+def test_presets_run_with_random_weights(tmp_path):
+    """The default (no --model): configs/tiny.yaml's patch model, whose PatchAutoencoder the stand-in VAE replaces."""
+    result = _run(["sample", "--steps", "1", "--repeats", "1", "--batch-size", "1", "--device", "cpu"],
+                  tmp_path / "s.json")
+    _check_fields(result, SAMPLE)
+    # 16x16 images are 8x8 latents, which the stand-in VAE (factor 1) is called at
+    assert result["image_size"] == 16 and result["resolution"] == 8 and "PatchAutoencoder" in result["vae"]
+    assert result["ours_output_shape"] == result["vanilla_output_shape"] == [1, 8, 8, 3]
+    assert result["model"] == "tiny preset, random weights"
+    result = _run(["zeroshot", "--steps", "1", "--repeats", "1", "--batch-size", "1", "--classes", "10", "20",
+                   "--dc-timesteps", "1", "--dc-images", "1", "--device", "cpu"], tmp_path / "z.json")
+    _check_fields(result, ZEROSHOT)
+    assert result["latent_shape"] == [12, 8, 8] and result["diffusion_classifier_logits_shape"] == [1, 10]
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    out = tmp_path / "x.json"
+    assert run.main(["sample", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert benchmark.main(["zeroshot", "--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert run.main(["zeroshot", "--model", str(tmp_path), "--out", str(out)]) == 2
     assert "not a DiffDis model folder" in capsys.readouterr().err
-    assert not (tmp_path / "x.json").exists()
-
-
-def test_benchmark_train_writes_ratio_against_the_diffusers_step(tmp_path):
-    out = tmp_path / "t.json"
-    args = ["train", "--steps-per-round", "1", "--repeats", "1", "--batch-size", "4", "--out", str(out),
-            "model.unet.block_out_channels=[16,32]", "model.unet.norm_num_groups=8"]
-    assert benchmark.main(args) == 0
-    result = json.loads(out.read_text())
-    assert result["ratio"] == pytest.approx(result["ours_step_s"] / result["reference_step_s"])
-    assert result["ours_img_s"] == pytest.approx(4 / result["ours_step_s"])
-    # the default folds 2x2 patches: 16x16 images are 8x8x12 latents for both steps
-    assert result["train_batch"] == 4 and result["latent_shape"] == [12, 8, 8] and result["image_size"] == 16
-    assert result["overrides"][0] == "model.unet.block_out_channels=[16,32]"
-
-
-def test_benchmark_train_bad_override_is_one_line(tmp_path, capsys):
-    out = tmp_path / "t.json"
-    assert benchmark.main(["train", "--out", str(out), "loss.lambda_itaa=1"]) == 2
+    assert run.main(["sample", "--repeats", "0", "--out", str(out)]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert run.main(["train", "--out", str(out), "loss.lambda_itaa=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "lambda_itaa" in err and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_run_py_is_a_script(tmp_path):
+    """``python benchmarks/run.py`` from another folder finds its package and the library and writes the JSON."""
+    out = tmp_path / "t.json"
+    argv = ["train", "--steps-per-round", "1", "--repeats", "1", "--batch-size", "2", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(Path(run.__file__)), *argv, *SMALL_UNET], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    _check_fields(result, TRAIN)
+    assert shlex.split(result["command"]) == ["python", "benchmarks/run.py", *argv, *SMALL_UNET]
+    assert result["commit"] is None or len(result["commit"]) == 40
+    assert "ratio" in proc.stdout and f"wrote {out}" in proc.stdout

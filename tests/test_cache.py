@@ -263,10 +263,12 @@ def test_cli_under_two_processes_matches_one(imagefolder, tmp_path):
     assert torch.allclose(two["latent_mean"], one["latent_mean"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_on_the_cache_trains_exactly_as_one_that_encodes_every_batch(tmp_path):
     """The trainer with data.cache_dir: the same losses and weights as encoding each batch with the VAE (same seed),
     up to float rounding: the cache encoded the images in other batch groupings than the shuffled training batches."""
-    from helpers_data import launch_train, write_imagefolder
+    from helpers_data import write_imagefolder
+    from helpers_train import accelerate
 
     sd = save_tiny_stable_diffusion(tmp_path / "sd")
     folder = write_imagefolder(tmp_path / "data", 16)
@@ -275,8 +277,8 @@ def test_a_run_on_the_cache_trains_exactly_as_one_that_encodes_every_batch(tmp_p
     run = ["--config", "sd15", *overrides, "data.validation_split=null", "train.max_steps=3", "train.batch_size=4",
            "train.gradient_accumulation_steps=1", "train.mixed_precision=no", "train.checkpointing_steps=0",
            "train.lr_warmup_steps=1", "train.log_every=1", "train.report_to=none", "train.learning_rate=1e-3"]
-    launch_train(run + [f"train.output_dir={tmp_path / 'encoded'}"])
-    launch_train(run + [f"train.output_dir={tmp_path / 'cached'}", f"data.cache_dir={tmp_path / 'cache'}"])
+    accelerate(run + [f"train.output_dir={tmp_path / 'encoded'}"])
+    accelerate(run + [f"train.output_dir={tmp_path / 'cached'}", f"data.cache_dir={tmp_path / 'cache'}"])
 
     def losses(out: Path) -> list:
         rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]

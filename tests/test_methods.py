@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from helpers_data import launch_train
+from helpers_train import accelerate
 from helpers_tiny import tiny_text_encoder, tiny_tokenizer, tiny_unet
 
 import diffdis.methods as methods
@@ -65,7 +65,7 @@ def test_each_method_returns_its_losses_and_trains_its_streams(name, keys, gener
 @pytest.mark.parametrize("name", ["gen_only", "disc_only"])
 def test_method_trains_from_the_command_line_in_two_processes(tmp_path, tiny_overrides, name):
     out = tmp_path / name
-    launch_train(tiny_overrides + [f"method={name}", f"train.output_dir={out}", "train.max_steps=3", "train.checkpointing_steps=0",
+    accelerate(tiny_overrides + [f"method={name}", f"train.output_dir={out}", "train.max_steps=3", "train.checkpointing_steps=0",
                                    "train.validation_every=3"], num_processes=2)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["global_step"] == 3

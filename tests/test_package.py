@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,6 +21,7 @@ def test_import_hides_only_the_torchvision_fallback_notice():
     assert all(f.filter(make("Could not import module 'X'")) for f in logger.filters)
 
 
+@pytest.mark.slow
 def test_pipelines_import_prints_nothing():
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", "import diffdis.pipelines"], env=env, capture_output=True, text=True, timeout=300)

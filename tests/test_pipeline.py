@@ -28,7 +28,6 @@ from helpers_tiny import (  # noqa: E402
 
 from diffdis.pipelines import (  # noqa: E402
     DiffDisPipeline,
-    benchmark_sample,
     export_stable_diffusion,
     export_unet,
     make_scheduler,
@@ -263,14 +262,6 @@ def test_pixel_space_exports_unet_only(tmp_path):
     x, c = torch.randn(1, 3, 8, 8), torch.randn(1, 16, 32)
     with torch.no_grad():
         torch.testing.assert_close(unet(x, 10, c).sample, pipe.unet(x, 10, c).sample)
-
-
-def test_benchmark_sample():
-    pipe = make_pipe(latent=True)
-    result = benchmark_sample(pipe, to_stable_diffusion(pipe), ["a red circle"], steps=2, repeats=2)
-    assert result["ours_s"] > 0 and result["vanilla_s"] > 0
-    assert result["ratio"] == pytest.approx(result["ours_s"] / result["vanilla_s"])
-    assert len(result["ours_runs_s"]) == 2
 
 
 # ---------------------------------------------------------------- tools/sample.py

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from helpers_tiny import save_tiny_stable_diffusion
-from test_train import TRAIN, _env, accelerate
+from helpers_train import TRAIN, accelerate, train_env
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffdis.config import load_config
@@ -61,12 +61,13 @@ def _partial_copy(sd_folder: Path, dest: Path, subfolders) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_a_folder_without_unet_is_a_one_line_error_and_writes_nothing(sd_folder, tmp_path):
     broken = _partial_copy(sd_folder, tmp_path / "sd", ("tokenizer", "text_encoder", "vae", "scheduler"))
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, TRAIN, "--config", "sd15", f"model.pretrained={broken}", "data.name=embedded",
                            "data.resolution=16", "train.mixed_precision=no", f"train.output_dir={out}"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
     assert last.startswith("error: ComponentError: cannot load UNet from"), proc.stderr[-2000:]
@@ -81,6 +82,7 @@ def test_a_folder_without_scheduler_takes_the_config_noise_section(sd_folder, tm
     assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.beta_end == 0.012
 
 
+@pytest.mark.slow
 def test_fine_tunes_a_stable_diffusion_folder_and_exports_it_back(sd_folder, tmp_path):
     out = tmp_path / "run"
     accelerate([

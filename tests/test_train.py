@@ -1,7 +1,6 @@
 """The trainer end to end: accelerate launch, files written, exact resume, two processes, bad input."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,29 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import free_port
+from helpers_train import TRAIN, accelerate, train_env
 from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = str(ROOT / "tools" / "train.py")
-
-
-def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-def accelerate(args, num_processes=1, check=True):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if num_processes > 1:
-        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", free_port()]
-    else:
-        launcher += ["--num_processes", "1", "--cpu"]
-    proc = subprocess.run(launcher + [TRAIN] + args, env=_env(), capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +23,7 @@ def tiny_imagefolder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_trains_on_a_local_imagefolder(tmp_path, tiny_overrides, tiny_imagefolder):
     out = tmp_path / "folder_run"
     accelerate(tiny_overrides + [f"data.name={tiny_imagefolder}", "data.validation_split=null", f"train.output_dir={out}",
@@ -52,6 +31,7 @@ def test_trains_on_a_local_imagefolder(tmp_path, tiny_overrides, tiny_imagefolde
     assert (out / "model" / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_patch_and_plain_pixel_models_save_what_the_pipeline_loads(tmp_path, tiny_overrides):
     """The default folds 2x2 patches (a vae/ folder with a PatchAutoencoder); patch_size=1 is plain pixel space."""
     from diffdis.models.patch_autoencoder import PatchAutoencoder
@@ -76,6 +56,7 @@ def weights(model_dir: Path):
     return load_file(str(model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_step_run_writes_everything(tmp_path, tiny_overrides):
     out = tmp_path / "run"
     proc = accelerate(tiny_overrides + [f"train.output_dir={out}", "train.max_steps=2", "train.checkpointing_steps=1"])
@@ -96,6 +77,7 @@ def test_two_step_run_writes_everything(tmp_path, tiny_overrides):
     assert cfg["_class_name"] == "DualStreamUNet"
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, tiny_overrides):
     common = tiny_overrides + ["train.max_steps=4", "train.checkpointing_steps=2", "train.checkpoints_total_limit=5",
                                "data.num_train_samples=12", "train.validation_every=0"]  # 3 steps per epoch: resume crosses an epoch
@@ -115,6 +97,7 @@ def test_resume_is_exact(tmp_path, tiny_overrides):
     assert not all(torch.equal(a[k], mid[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_keep_replicas_identical(tmp_path, tiny_overrides):
     # loss.ita_every=2: step 1 leaves the text stream without gradients; DDP must carry on into step 2
     out = tmp_path / "ddp"
@@ -132,11 +115,11 @@ def test_two_processes_keep_replicas_identical(tmp_path, tiny_overrides):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.max_stepz=2", "max_stepz"),
-        ("data.name=/no/such/folder", "no/such/folder"),
-        ("data.caption_column=nope", "nope"),
-        ("data.image_column=pixels", "pixels"),
-        ("train.resume_from_checkpoint=/no/ckpt", "not a complete diffdis checkpoint"),
+        ("train.max_stepz=2", "max_stepz"),  # refused before the trainer starts
+        pytest.param("data.name=/no/such/folder", "no/such/folder", marks=pytest.mark.slow),
+        pytest.param("data.caption_column=nope", "nope", marks=pytest.mark.slow),
+        pytest.param("data.image_column=pixels", "pixels", marks=pytest.mark.slow),
+        pytest.param("train.resume_from_checkpoint=/no/ckpt", "not a complete diffdis checkpoint", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, tiny_overrides, override, message, tiny_imagefolder):
@@ -146,13 +129,14 @@ def test_bad_input_one_line_error(tmp_path, tiny_overrides, override, message, t
     else:
         override = [override]
     proc = subprocess.run([sys.executable, TRAIN] + tiny_overrides + [f"train.output_dir={out}", "train.max_steps=1"] + override,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -167,7 +151,7 @@ def test_resuming_a_checkpoint_of_another_config_is_a_one_line_error(tmp_path, t
     accelerate(common + ["train.max_steps=2", "train.checkpointing_steps=1"])  # writes checkpoint-1
     config_before, model_before = (out / "config.yaml").read_bytes(), weights(out / "model")
     proc = subprocess.run([sys.executable, TRAIN] + common + ["train.max_steps=3", "train.resume_from_checkpoint=latest", override],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
     assert last.startswith("error: ValueError: resume_from_checkpoint:") and message in last, proc.stderr[-2000:]

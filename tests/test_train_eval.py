@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TRAIN_OVERRIDES
-from test_train import accelerate  # the accelerate-launch helper of the trainer tests
+from helpers_train import accelerate
 
 from diffdis.config import ConfigError, load_config
 from diffdis.data.embedded import COLOURS, SHAPES, make_embedded_dataset
@@ -88,6 +88,7 @@ def _eval_steps(rows, keys):
     return sorted(r["step"] for r in rows if all(k in r for k in keys))
 
 
+@pytest.mark.slow
 def test_trainer_logs_evaluation(tmp_path, tiny_overrides, one_thread_runs):
     out = tmp_path / "run"
     accelerate(tiny_overrides + EVAL_OVERRIDES + [f"train.output_dir={out}", "train.max_steps=4", "train.eval_every=2",
@@ -101,6 +102,7 @@ def test_trainer_logs_evaluation(tmp_path, tiny_overrides, one_thread_runs):
     assert any(b"eval/zeroshot_shape" in e.read_bytes() for e in events)
 
 
+@pytest.mark.slow
 def test_trainer_evaluation_sharded_over_two_processes(tmp_path, tiny_overrides, one_thread_runs):
     out = tmp_path / "ddp"
     accelerate(tiny_overrides + EVAL_OVERRIDES + [f"train.output_dir={out}", "train.max_steps=2", "train.eval_every=2",

@@ -317,13 +317,6 @@ def test_tool_bad_inputs(model_dir, class_folder, tmp_path, capsys):
     assert "empty" in _bad([str(model_dir), "--num-samples", "0"], capsys)
 
 
-def test_benchmark_zeroshot_smoke(text_parts):
-    out = zs.benchmark_zeroshot(_dual("joint"), SCHED.config, _empty_context(text_parts), torch.rand(2, 3, 8, 8) * 2 - 1,
-                                steps=2, class_counts=(10, 100), dc_timesteps=2, dc_images=1, repeats=1)
-    for key in ("class_count_ratio", "one_way_speedup", "diffusion_classifier_slowdown", "diffdis_100_classes_img_s"):
-        assert out[key] > 0
-
-
 @pytest.fixture(scope="module")
 def named_label_folder(tmp_path_factory):
     """An imagefolder whose metadata names each image's class as a string ("colour") and holds a float column."""

@@ -11,8 +11,6 @@ goes through the same metrics.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -20,7 +18,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..pipelines.bench import _timed
 from .suite import shard_range
 from ..models.components import encode_text
 from ..pipelines.zeroshot import TextQuerySampler, tokenize
@@ -380,87 +377,3 @@ def class_contexts(
             for i in range(0, len(prompts), batch_size)
         ]
     return torch.cat(out)
-
-
-# ---------------------------------------------------------------------------- benchmark
-def _interleaved_seconds(
-    calls: Dict[str, Callable[[], object]], repeats: int, device: torch.device
-) -> Dict[str, float]:
-    """Median seconds per call; one warm-up each, then rounds in rotating order so clock drift hits all alike."""
-    for call in calls.values():
-        call()
-    names, times = list(calls), {name: [] for name in calls}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(_timed(calls[name], device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _as_fusion(unet, fusion: str):
-    """A copy of ``unet`` with another fusion mode and the same weights (fusion adds no parameters)."""
-    from ..models.dual_stream_unet import DualStreamUNet, move_like
-
-    if unet.config.fusion == fusion:
-        return unet
-    config = {k: v for k, v in unet._internal_dict.items() if not k.startswith("_")}
-    other = DualStreamUNet(**{**config, "fusion": fusion})
-    other.load_state_dict(unet.state_dict())
-    return move_like(other, unet.device, unet.dtype).eval()
-
-
-def benchmark_zeroshot(
-    unet,
-    scheduler_config: Dict,
-    empty_context: torch.Tensor,
-    latents: torch.Tensor,
-    steps: int = 10,
-    guidance: float = 0.0,
-    class_counts: Sequence[int] = (10, 1000),
-    dc_classes: int = 10,
-    dc_timesteps: int = 100,
-    dc_images: int = 2,
-    repeats: int = 3,
-    seed: int = 0,
-) -> Dict[str, float]:
-    """Images/s of DiffDis zero-shot classification vs the class count, the diffusion classifier, and fusion modes.
-
-    Returns ``diffdis_{n}_classes_img_s`` per class count and ``class_count_ratio`` (first / last:
-    about 1, the cost is O(steps) per image), ``joint_img_s``, ``one_way_cached_img_s`` and
-    ``one_way_speedup`` (same weights, fusion switched), ``diffusion_classifier_img_s`` (``dc_classes``
-    classes × ``dc_timesteps`` UNet passes per image, timed once on ``dc_images`` images) and
-    ``diffusion_classifier_slowdown`` (DiffDis at the first class count / diffusion classifier).
-    Class weights and contexts are random: only their sizes matter for speed.
-    """
-    from diffusers import DDPMScheduler
-
-    device, b = unet.device, latents.shape[0]
-    latents = latents.to(device)
-    g = torch.Generator().manual_seed(seed)
-    d, ctx_len, ctx_dim = unet.config.text_dim, empty_context.shape[1], empty_context.shape[2]
-
-    def classify(sampler: TextQuerySampler, weights: torch.Tensor) -> Callable[[], object]:
-        def call() -> torch.Tensor:
-            queries = sampler(latents, steps, guidance, generator=torch.Generator().manual_seed(seed))  # (B, d)
-            return (queries @ weights).argmax(dim=1)  # (B,)
-
-        return call
-
-    sampler = TextQuerySampler(unet, scheduler_config, empty_context, 1.0)
-    weights = {n: F.normalize(torch.randn(d, n, generator=g), dim=0).to(device) for n in class_counts}
-    calls = {f"diffdis_{n}_classes_img_s": classify(sampler, weights[n]) for n in class_counts}
-    for fusion, key in (("joint", "joint_img_s"), ("one_way", "one_way_cached_img_s")):
-        fused = TextQuerySampler(_as_fusion(unet, fusion), scheduler_config, empty_context, 1.0)
-        calls[key] = classify(fused, weights[class_counts[0]])
-    out: Dict[str, float] = {"steps": steps, "guidance": guidance, "batch_size": b, "dc_timesteps": dc_timesteps}
-    out.update({k: b / s for k, s in _interleaved_seconds(calls, repeats, device).items()})
-    first, last = (f"diffdis_{n}_classes_img_s" for n in (class_counts[0], class_counts[-1]))
-    out["class_count_ratio"] = out[first] / out[last]
-    out["one_way_speedup"] = out["one_way_cached_img_s"] / out["joint_img_s"]
-
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-    contexts = torch.randn(dc_classes, ctx_len, ctx_dim, generator=g).to(device=device, dtype=unet.dtype)
-    few = latents[:dc_images]
-    seconds = _timed(lambda: diffusion_classifier_logits(unet, few, contexts, noise_scheduler, dc_timesteps, g), device)
-    out["diffusion_classifier_img_s"] = few.shape[0] / seconds
-    out["diffusion_classifier_slowdown"] = out[f"diffdis_{class_counts[0]}_classes_img_s"] / out["diffusion_classifier_img_s"]
-    return out

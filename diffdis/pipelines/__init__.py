@@ -1,12 +1,10 @@
-"""Inference pipelines: text-to-image sampling (`DiffDisPipeline`), export to vanilla diffusers, timing."""
+"""Inference pipelines: text-to-image sampling (`DiffDisPipeline`), export to vanilla diffusers."""
 
-from .bench import benchmark_sample
 from .export import export_stable_diffusion, export_unet, to_stable_diffusion
 from .text_to_image import DiffDisPipeline, make_scheduler, scheduler_names, unet_downsample_factor, vae_scale_factor
 
 __all__ = [
     "DiffDisPipeline",
-    "benchmark_sample",
     "export_stable_diffusion",
     "export_unet",
     "make_scheduler",
