@@ -23,6 +23,7 @@ def _weights(out) -> dict:
     return load_file(str(out / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_one_corrupt_image_among_256(tmp_path, tiny_overrides):
     folder = write_imagefolder(tmp_path / "data", 256, corrupt=[100])
     out = tmp_path / "run"
@@ -37,6 +38,7 @@ def test_one_corrupt_image_among_256(tmp_path, tiny_overrides):
     assert [r["train/replaced_examples"] for r in logged if "train/replaced_examples" in r][-1] == 1
 
 
+@pytest.mark.slow
 def test_streamed_shards_one_mostly_corrupt(tmp_path, tiny_overrides):
     # process 0 streams shards 0 and 2, process 1 shards 1 and 3; 12 of shard 3's 16 examples are unreadable
     shards = write_shards(tmp_path / "shards", [16, 16, 16, 16], corrupt=range(48, 60))
@@ -50,6 +52,7 @@ def test_streamed_shards_one_mostly_corrupt(tmp_path, tiny_overrides):
     assert summary["num_skipped_examples_per_process"] == [0, 12]
 
 
+@pytest.mark.slow
 def test_streamed_run_resumes_where_it_stopped(tmp_path, tiny_overrides):
     shards = write_shards(tmp_path / "shards", [12, 12, 12, 12])
     common = tiny_overrides + QUICK + ["data.name=webdataset", f"data.data_files=[{','.join(shards)}]", "data.streaming=true",
@@ -68,6 +71,7 @@ def test_streamed_run_resumes_where_it_stopped(tmp_path, tiny_overrides):
     assert _summary(resumed)["replica_param_checksums"] == _summary(straight)["replica_param_checksums"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["imagefolder", "one_process_all_corrupt"])
 def test_nothing_readable_stops_every_process_with_one_error(tmp_path, tiny_overrides, layout):
     if layout == "imagefolder":

@@ -62,6 +62,7 @@ def test_each_method_returns_its_losses_and_trains_its_streams(name, keys, gener
     assert (image_head.grad is not None and image_head.grad.abs().sum() > 0) == generates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gen_only", "disc_only"])
 def test_method_trains_from_the_command_line_in_two_processes(tmp_path, tiny_overrides, name):
     out = tmp_path / name
