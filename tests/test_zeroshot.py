@@ -1,11 +1,9 @@
-"""Tests of zero-shot inference (text-query sampler), its metrics, the diffusion classifier and tools/zeroshot.py."""
+"""Tests of zero-shot inference (text-query sampler), its metrics, the diffusion classifier and the zero-shot command."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,15 +24,13 @@ from diffdis.schedule import text_forward  # noqa: E402
 
 from helpers_tiny import CONTEXT_DIM, tiny_text_encoder, tiny_tokenizer, tiny_unet  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 SCHED = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("zeroshot_tool", ROOT / "tools" / "zeroshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from diffdis.cli import zeroshot
+
+    return zeroshot
 
 
 def _dual(fusion: str, seed: int = 0) -> DualStreamUNet:
@@ -243,7 +239,7 @@ def test_diffusion_classifier_picks_the_right_class():
     assert zs.evaluate_zero_shot(logits, torch.tensor([3, 1, 4]))["acc1"] == 1.0
 
 
-# ---------------------------------------------------------------------------- tools/zeroshot.py
+# ---------------------------------------------------------------------------- diffdis.cli.zeroshot (tools/zeroshot.py)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, text_parts):
     folder = tmp_path_factory.mktemp("zs_model")
