@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (no GPU, no hub access needed):
 #   make demo   create .venv, install, train the tiny model on the embedded data, then sample and evaluate it
-#   make test   same install, then the test suite
+#   make test   same install plus the test requirements (requirements-dev.txt), then the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 DEMO_DIR ?= outputs/tiny
 
-.PHONY: install demo test test-all clean
+.PHONY: install install-dev demo test test-all clean
 
 $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,15 +19,21 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
 install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(PY) tools/demo.py --out $(DEMO_DIR)
 
-test: install
+test: install-dev
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: install
+test-all: install-dev
 	$(PY) -m pytest -q
 
 clean:

@@ -111,3 +111,12 @@ def test_ablation_end_to_end(tmp_path, model_dir):
     assert evaluate.main([str(model_dir), "--out", str(report_dir), "--ablation", str(out / "ablation.json"),
                           "--skip", "fid", "adherence", "retrieval"] + SMALL) == 0
     assert "## Ablation" in (report_dir / "report.md").read_text()
+
+
+def test_preset_sizes():
+    from diffdis.eval.api import EvaluationError, EvaluationSizes, preset_sizes
+
+    assert preset_sizes("quick", fid_images=7) == EvaluationSizes(7, 2, 600, 200)
+    assert preset_sizes() == EvaluationSizes(1000, 4, 1000, 500)
+    with pytest.raises(EvaluationError, match=">= 0"):
+        preset_sizes("full", retrieval_samples=-1)

@@ -318,3 +318,19 @@ def test_benchmark_zeroshot_smoke(text_parts):
                                 steps=2, class_counts=(10, 100), dc_timesteps=2, dc_images=1, repeats=1)
     for key in ("class_count_ratio", "one_way_speedup", "diffusion_classifier_slowdown", "diffdis_100_classes_img_s"):
         assert out[key] > 0
+
+
+def test_api_scores_images_in_memory_as_the_dataset_they_came_from(model_dir):
+    """Evaluation during training passes a pixel tensor, the command a dataset read on demand: same numbers."""
+    from diffdis.eval.api import ZeroShotSettings, load_zero_shot_tasks, zero_shot
+    from diffdis.pipelines.zeroshot import load_zero_shot_model
+
+    model = load_zero_shot_model(model_dir)
+    images, tasks = load_zero_shot_tasks("embedded", "all", num_samples=6, resolution=model.resolution)
+    settings = ZeroShotSettings(steps=2, batch_size=4)
+    from_dataset = zero_shot(model, tasks, images, settings)
+    from_tensor = zero_shot(model, tasks, images[list(range(len(images)))], settings)  # (6, 3, R, R)
+    assert set(from_dataset) == {"shape", "colour", "colour_shape"}
+    for task in tasks:
+        a, b = from_dataset[task]["metrics"], from_tensor[task]["metrics"]
+        assert a["acc1"] == b["acc1"] and torch.equal(a["confusion_matrix"], b["confusion_matrix"])

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of the ablation."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/ablation", help="output folder (default: outputs/ablation)")
-    p.add_argument("--config", default=None, help="training config (default: configs/tiny.yaml)")
+    p.add_argument("--config", default=None, help="training config (default: the shipped tiny config)")
     p.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="training seeds (default: 0 1 2)")
     p.add_argument("--lambda-ita", type=float, default=None, help="λ of the DiffDis arm (default: the config's)")
     p.add_argument("--eval-args", default="--quick --skip retrieval",

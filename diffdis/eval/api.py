@@ -105,23 +105,25 @@ PRESETS: Mapping[str, Tuple[int, int, int, int]] = {  # the four sizes of Evalua
 }
 
 
-def preset_sizes(preset: str = "full", **sizes: Optional[int]) -> EvaluationSizes:
-    """A preset's sizes, with any of :class:`EvaluationSizes`' fields given (not None) replacing the preset's.
+def preset_sizes(
+    preset: str = "full",
+    fid_images: Optional[int] = None,
+    adherence_per_combo: Optional[int] = None,
+    zeroshot_samples: Optional[int] = None,
+    retrieval_samples: Optional[int] = None,
+) -> EvaluationSizes:
+    """A preset's set sizes (:data:`PRESETS`), each size that is given (not None) replacing the preset's.
 
     Raises:
         EvaluationError: an unknown preset or a negative size.
     """
     if preset not in PRESETS:
         raise EvaluationError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    chosen = EvaluationSizes(*PRESETS[preset])
-    for name, value in sizes.items():
-        if not hasattr(chosen, name):
-            raise TypeError(f"unknown set size {name!r}")
-        if value is not None:
-            setattr(chosen, name, value)
-    if min(chosen.fid_images, chosen.adherence_per_combo, chosen.zeroshot_samples, chosen.retrieval_samples) < 0:
+    chosen = (fid_images, adherence_per_combo, zeroshot_samples, retrieval_samples)
+    sizes = EvaluationSizes(*(c if c is not None else d for c, d in zip(chosen, PRESETS[preset])))
+    if min(sizes.fid_images, sizes.adherence_per_combo, sizes.zeroshot_samples, sizes.retrieval_samples) < 0:
         raise EvaluationError("set sizes must be >= 0")
-    return chosen
+    return sizes
 
 
 @dataclass

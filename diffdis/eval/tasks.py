@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -233,9 +233,3 @@ def _reference_image(path: Path, resolution: int):
         except OSError as err:
             raise EvaluationError(f"cannot read reference image {path}: {err}") from None
 
-
-def check_images(images: Sequence) -> int:
-    """The number of images of an :data:`Images` set; an empty set is an :class:`EvaluationError`."""
-    if len(images) == 0:
-        raise EvaluationError("the dataset is empty")
-    return len(images)
