@@ -12,7 +12,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["diffdis", "diffdis.*"]),
-    package_data={"diffdis.eval": ["templates/*.json"]},
+    package_data={
+        "diffdis": ["configs/*.yaml"],  # the shipped run configs: --config tiny | sd15
+        "diffdis.eval": ["templates/*.json"],  # zero-shot class names and templates
+    },
+    # what diffdis imports (tensorboard: the default tracker of train.report_to); test tools are in the dev extra
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.30",
@@ -26,14 +30,22 @@ setup(
         "matplotlib>=3.7",
         "pillow>=10",
         "numpy>=1.24",
-        "scipy>=1.10",
         "tqdm>=4.60",
         "tensorboard>=2.12",
-        "webdataset>=0.2",
     ],
     extras_require={
         "dev": ["pytest>=7"],
         "xformers": ["xformers>=0.0.25"],
         "fid": ["torch-fidelity>=0.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "diffdis-train=diffdis.cli.train:main",
+            "diffdis-sample=diffdis.cli.sample:main",
+            "diffdis-zeroshot=diffdis.cli.zeroshot:main",
+            "diffdis-evaluate=diffdis.cli.evaluate:main",
+            "diffdis-demo=diffdis.cli.demo:main",
+            "diffdis-cache=diffdis.cli.cache:main",
+        ],
     },
 )

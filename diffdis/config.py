@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the shipped configs, installed with the package
 DEFAULT_CONFIG = "tiny"
 
 
@@ -200,7 +200,7 @@ _CHOICES = {
 
 
 def list_configs() -> List[str]:
-    """Names of the shipped configs in ``configs/`` (usable as ``--config NAME``)."""
+    """Names of the shipped configs in ``diffdis/configs/`` (usable as ``--config NAME``)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
@@ -278,7 +278,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     """Build the run configuration.
 
     Args:
-        path: a YAML file or the name of a shipped config; ``None`` uses ``configs/tiny.yaml``.
+        path: a YAML file or the name of a shipped config; ``None`` uses ``diffdis/configs/tiny.yaml``.
         overrides: ``key=value`` strings (OmegaConf dotlist), applied last.
 
     Returns:

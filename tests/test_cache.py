@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -216,10 +215,9 @@ def test_ranks_encode_contiguous_shards_that_merge_in_order(cache, dataset, vae,
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("cache_cli", ROOT / "tools" / "cache.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from diffdis.cli import cache
+
+    return cache
 
 
 def test_cli_builds_a_cache_that_the_config_accepts(imagefolder, tmp_path, capsys):

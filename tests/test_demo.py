@@ -1,13 +1,8 @@
-"""tools/demo.py: how it splits training across CPU processes, and its one-line errors."""
-
-import sys
-from pathlib import Path
+"""The demo (diffdis.cli.demo, tools/demo.py): how it splits training across CPU processes, and its one-line errors."""
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-import demo  # noqa: E402
+from diffdis.cli import demo
 
 
 def test_batch_must_divide_across_processes(capsys):

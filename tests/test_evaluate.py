@@ -1,16 +1,13 @@
-"""tools/evaluate.py (one report: FID, adherence, zero-shot, retrieval) and tools/ablation.py, end to end on a tiny model."""
+"""The evaluation command (diffdis.cli.evaluate: one report of FID, adherence, zero-shot, retrieval) and the ablation,
+end to end on a tiny model."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-import evaluate  # noqa: E402  (tools/evaluate.py)
+from diffdis.cli import evaluate
 
 SMALL = ["--fid-images", "12", "--adherence-per-combo", "1", "--zeroshot-samples", "12", "--retrieval-samples", "8",
          "--steps", "2", "--zs-steps", "2", "--batch-size", "16", "--reference-steps", "20", "--device", "cpu"]
@@ -26,10 +23,11 @@ def _private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A 2-step tiny training run's model folder (with curves.png beside it)."""
-    import train  # tools/train.py
     from conftest import TINY_TRAIN_OVERRIDES
 
     out = tmp_path_factory.mktemp("run")
+    from diffdis.cli import train
+
     assert train.main(TINY_TRAIN_OVERRIDES + [f"train.output_dir={out}", "train.max_steps=2", "train.report_to=none"]) == 0
     return out / "model"
 
@@ -96,7 +94,7 @@ def test_fid_reference_imagefolder(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_ablation_end_to_end(tmp_path, model_dir):
-    import ablation  # tools/ablation.py
+    from diffdis.cli import ablation
     from conftest import TINY_TRAIN_OVERRIDES
 
     out = tmp_path / "abl"
@@ -113,3 +111,12 @@ def test_ablation_end_to_end(tmp_path, model_dir):
     assert evaluate.main([str(model_dir), "--out", str(report_dir), "--ablation", str(out / "ablation.json"),
                           "--skip", "fid", "adherence", "retrieval"] + SMALL) == 0
     assert "## Ablation" in (report_dir / "report.md").read_text()
+
+
+def test_preset_sizes():
+    from diffdis.eval.api import EvaluationError, EvaluationSizes, preset_sizes
+
+    assert preset_sizes("quick", fid_images=7) == EvaluationSizes(7, 2, 600, 200)
+    assert preset_sizes() == EvaluationSizes(1000, 4, 1000, 500)
+    with pytest.raises(EvaluationError, match=">= 0"):
+        preset_sizes("full", retrieval_samples=-1)

@@ -1,4 +1,4 @@
-"""Tests of DiffDisPipeline, export to vanilla diffusers, tools/sample.py and the grid helper (tiny, CPU)."""
+"""Tests of DiffDisPipeline, export to vanilla diffusers, the sample command (diffdis.cli.sample) and the grid helper (tiny, CPU)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E40
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 from helpers_tiny import (  # noqa: E402
     TinyCustomUNet,
@@ -264,9 +263,9 @@ def test_pixel_space_exports_unet_only(tmp_path):
         torch.testing.assert_close(unet(x, 10, c).sample, pipe.unet(x, 10, c).sample)
 
 
-# ---------------------------------------------------------------- tools/sample.py
+# ---------------------------------------------------------------- diffdis.cli.sample (tools/sample.py)
 def test_sample_cli_is_reproducible(tmp_path, pixel_model_dir):
-    import sample
+    from diffdis.cli import sample
 
     args = [str(pixel_model_dir), "--prompt", "a red circle", "--prompt", "a blue star", "--seed", "3", "7",
             "--steps", "3", "--device", "cpu"]
@@ -288,7 +287,7 @@ def test_sample_cli_is_reproducible(tmp_path, pixel_model_dir):
 
 
 def test_sample_cli_images_per_prompt_and_file(tmp_path, pixel_model_dir):
-    import sample
+    from diffdis.cli import sample
 
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("# shapes\na red circle\n\na green square\n")
@@ -311,7 +310,7 @@ def test_sample_cli_images_per_prompt_and_file(tmp_path, pixel_model_dir):
     ],
 )
 def test_sample_cli_errors(tmp_path, pixel_model_dir, capsys, extra, message):
-    import sample
+    from diffdis.cli import sample
 
     assert sample.main([str(pixel_model_dir), "--out", str(tmp_path), "--device", "cpu"] + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: loading progress bars
@@ -320,7 +319,7 @@ def test_sample_cli_errors(tmp_path, pixel_model_dir, capsys, extra, message):
 
 
 def test_sample_cli_names_a_prompts_file_it_cannot_read(tmp_path, pixel_model_dir, capsys):
-    import sample
+    from diffdis.cli import sample
 
     binary = tmp_path / "prompts.bin"
     binary.write_bytes(bytes([0xFF, 0xFE, 0x00, 0x81]) * 8)
@@ -331,7 +330,7 @@ def test_sample_cli_names_a_prompts_file_it_cannot_read(tmp_path, pixel_model_di
 
 
 def test_sample_cli_rejects_non_model_folder(tmp_path, capsys):
-    import sample
+    from diffdis.cli import sample
 
     assert sample.main([str(tmp_path), "--prompt", "a star"]) == 2
     assert "no model_index.json" in capsys.readouterr().err

@@ -1,11 +1,9 @@
-"""Tests of zero-shot inference (text-query sampler), its metrics, the diffusion classifier and tools/zeroshot.py."""
+"""Tests of zero-shot inference (text-query sampler), its metrics, the diffusion classifier and the zero-shot command."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,15 +24,13 @@ from diffdis.schedule import text_forward  # noqa: E402
 
 from helpers_tiny import CONTEXT_DIM, tiny_text_encoder, tiny_tokenizer, tiny_unet  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 SCHED = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("zeroshot_tool", ROOT / "tools" / "zeroshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from diffdis.cli import zeroshot
+
+    return zeroshot
 
 
 def _dual(fusion: str, seed: int = 0) -> DualStreamUNet:
@@ -243,7 +239,7 @@ def test_diffusion_classifier_picks_the_right_class():
     assert zs.evaluate_zero_shot(logits, torch.tensor([3, 1, 4]))["acc1"] == 1.0
 
 
-# ---------------------------------------------------------------------------- tools/zeroshot.py
+# ---------------------------------------------------------------------------- diffdis.cli.zeroshot (tools/zeroshot.py)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, text_parts):
     folder = tmp_path_factory.mktemp("zs_model")
@@ -349,3 +345,19 @@ def test_tool_maps_string_labels_to_the_given_class_names(model_dir, named_label
     (task,) = json.loads((out / "results.json").read_text())["results"].values()
     assert task["classnames"] == ["blue", "red"] and task["metrics"]["num_samples"] == 4
     assert [sum(row) for row in task["confusion_matrix"]] == [1, 3]  # one blue image (class 0), three red (class 1)
+
+
+def test_api_scores_images_in_memory_as_the_dataset_they_came_from(model_dir):
+    """Evaluation during training passes a pixel tensor, the command a dataset read on demand: same numbers."""
+    from diffdis.eval.api import ZeroShotSettings, load_zero_shot_tasks, zero_shot
+    from diffdis.pipelines.zeroshot import load_zero_shot_model
+
+    model = load_zero_shot_model(model_dir)
+    images, tasks = load_zero_shot_tasks("embedded", "all", num_samples=6, resolution=model.resolution)
+    settings = ZeroShotSettings(steps=2, batch_size=4)
+    from_dataset = zero_shot(model, tasks, images, settings)
+    from_tensor = zero_shot(model, tasks, images[list(range(len(images)))], settings)  # (6, 3, R, R)
+    assert set(from_dataset) == {"shape", "colour", "colour_shape"}
+    for task in tasks:
+        a, b = from_dataset[task]["metrics"], from_tensor[task]["metrics"]
+        assert a["acc1"] == b["acc1"] and torch.equal(a["confusion_matrix"], b["confusion_matrix"])

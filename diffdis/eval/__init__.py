@@ -1,4 +1,8 @@
-"""Evaluation: reference attribute classifier, prompt adherence, FID."""
+"""Evaluation: reference attribute classifier, prompt adherence, FID.
+
+The evaluation runs themselves (zero-shot classification, retrieval, generation quality, a whole
+model and its report) are :mod:`diffdis.eval.api`.
+"""
 
 from diffdis.eval.adherence import adherence_counts, adherence_from_counts, adherence_prompts, prompt_adherence
 from diffdis.eval.fid import (

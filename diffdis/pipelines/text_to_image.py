@@ -44,6 +44,7 @@ logger = logging.getLogger("diffdis.pipelines")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRUSTED_PACKAGE = "diffdis"  # model_index.json may name modules of this package; they are imported on load
 GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # weight dtypes by name
 
 
 def scheduler_names() -> dict[str, type]:
@@ -397,3 +398,24 @@ class DiffDisPipeline(DiffusionPipeline):
     def disable_vae_tiling(self) -> None:
         """Undo :meth:`enable_vae_tiling`."""
         self._vae_switch("disable_tiling")
+
+
+def load_pipeline(
+    model_dir: Union[str, os.PathLike], scheduler: str = "ddim", device: Union[str, torch.device] = "cpu", dtype: str = "float32"
+) -> DiffDisPipeline:
+    """Load a model folder, swap in the named scheduler (same noise schedule) and move it to ``device``.
+
+    Args:
+        model_dir: a ``DiffDisPipeline`` folder (with ``model_index.json``), e.g. ``<output_dir>/model``.
+        scheduler: a name of :func:`scheduler_names`.
+        device: where the weights go.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+
+    Raises:
+        ValueError: ``model_dir`` has no ``model_index.json``.
+    """
+    if not (Path(model_dir) / "model_index.json").is_file():
+        raise ValueError(f"{model_dir} is not a diffdis model folder (no model_index.json)")
+    pipe = DiffDisPipeline.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    return pipe.to(device)

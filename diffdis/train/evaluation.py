@@ -1,10 +1,12 @@
 """Evaluation during training: prompt adherence, zero-shot accuracy and a sample grid.
 
 Every ``train.eval_every`` steps the trainer calls a :class:`TrainingEvaluator` on **all** processes:
-image generation (:func:`diffdis.eval.suite.evaluate_adherence`, whose match counts are summed over
+image generation (:func:`diffdis.eval.api.generation_quality`, whose match counts are summed over
 processes; only the grid's images are gathered) and zero-shot feature extraction
-(:func:`diffdis.eval.zeroshot.compute_image_features`, gathered) are sharded across processes, so
-every process returns the same metrics and no process idles while rank 0 works.
+(:func:`diffdis.eval.api.zero_shot`, features gathered) are sharded across processes, so every
+process returns the same metrics and no process idles while rank 0 works. Both are the functions
+``tools/evaluate.py`` and ``tools/zeroshot.py`` report with, so the numbers logged here are those
+tools' numbers for the same settings.
 
 The metrics are only meaningful on the embedded shapes data: the reference attribute classifier and
 the zero-shot tasks (``shape``, ``colour``, ``colour_shape``) know its shapes and colours. A run with
@@ -20,7 +22,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -29,21 +31,12 @@ from .. import methods
 from ..config import check_evaluation_data
 from ..data.embedded import make_embedded_dataset
 from ..data.transforms import to_pixel_values
+from ..eval.api import ZeroShotSettings, ZeroShotTask, generation_quality, zero_shot
 from ..eval.reference import AttributeClassifier, load_or_train_reference_classifier
-from ..eval.suite import SamplingSettings, adherence_grid, evaluate_adherence
-from ..eval.zeroshot import (
-    EMBEDDED_TASKS,
-    build_zero_shot_classifier,
-    compute_image_features,
-    diffdis_feature_fn,
-    embedded_labels,
-    evaluate_zero_shot,
-    load_task,
-    task_ensemble,
-)
-from ..models.components import encode_text
+from ..eval.suite import SamplingSettings
+from ..eval.zeroshot import EMBEDDED_TASKS, embedded_labels, load_task
 from ..pipelines import DiffDisPipeline, make_scheduler
-from ..pipelines.zeroshot import TextQuerySampler, tokenize
+from ..pipelines.zeroshot import ZeroShotModel
 
 logger = logging.getLogger("diffdis.train")
 
@@ -143,7 +136,10 @@ class TrainingEvaluator:
         self.classifier = classifier
         self.pixels = pixels  # (N, 3, R, R)
         self.labels = labels or {}
-        self.tasks = {task: load_task(task) for task in EMBEDDED_TASKS} if settings.zeroshot_samples > 0 else {}
+        self.tasks = (
+            {task: ZeroShotTask(self.labels[task], *load_task(task)) for task in EMBEDDED_TASKS}
+            if settings.zeroshot_samples > 0 else {}
+        )
 
     @classmethod
     def from_config(cls, cfg, accelerator=None, classifier: Optional[AttributeClassifier] = None) -> "TrainingEvaluator":
@@ -205,27 +201,15 @@ class TrainingEvaluator:
         s = self.settings
         pipe = build_pipeline(unet, text_encoder, tokenizer, scheduler_config, vae)
         sampling = SamplingSettings(steps=s.steps, guidance=s.guidance, scheduler="ddim", seed=s.seed, batch_size=s.batch_size)
-        found, images, prompts = evaluate_adherence(pipe, self.classifier, s.adherence_per_combo, sampling, accelerator)
-        metrics = {f"eval/adherence_{k}": float(found[f"adherence/{k}"]) for k in ADHERENCE_KEYS}
-        return metrics, adherence_grid(images, prompts)  # images: (36, 3, H, W) uint8, one per combination
+        quality = generation_quality(pipe, sampling, classifier=self.classifier, adherence_per_combo=s.adherence_per_combo,
+                                     accelerator=accelerator)
+        metrics = {f"eval/adherence_{k}": float(quality["adherence"][f"adherence/{k}"]) for k in ADHERENCE_KEYS}
+        return metrics, quality["grid"]
 
     def _zero_shot(self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae) -> Dict[str, float]:
         """Top-1 zero-shot accuracy per embedded task; the DiffDis features are sharded, then shared by all tasks."""
         s = self.settings
-        device = unet.device
-        context, _ = encode_text(text_encoder, tokenize(tokenizer, [""], device))  # (1, L, d_ctx)
-        sampler = TextQuerySampler(unet, scheduler_config, context.to(unet.dtype), s.text_scale)
-        feature_fn = diffdis_feature_fn(sampler, vae, s.zs_steps, guidance=0.0)
-        features = compute_image_features(
-            feature_fn, self._load_pixels, self.pixels.shape[0], s.batch_size, s.seed, accelerator
-        )  # (N, d_e) on every process
-        metrics = {}
-        for task, (classnames, templates) in self.tasks.items():
-            weights = build_zero_shot_classifier(text_encoder, tokenizer, classnames, templates, device,
-                                                 ensemble=task_ensemble(task))  # (d_e, C) or (d_e, C, T)
-            metrics[f"eval/zeroshot_{task}"] = float(evaluate_zero_shot(features, self.labels[task], weights)["acc1"])
-        return metrics
-
-    def _load_pixels(self, indices: List[int]) -> torch.Tensor:
-        """Test images (b, 3, R, R) in [-1, 1] of ``indices``."""
-        return self.pixels[indices]
+        model = ZeroShotModel(unet, text_encoder, tokenizer, scheduler_config, vae, s.text_scale)
+        settings = ZeroShotSettings(steps=s.zs_steps, guidance=0.0, seed=s.seed, batch_size=s.batch_size)
+        results = zero_shot(model, self.tasks, self.pixels, settings, accelerator)
+        return {f"eval/zeroshot_{task}": float(res["metrics"]["acc1"]) for task, res in results.items()}

@@ -27,6 +27,7 @@ from .. import methods
 from ..config import save_config
 from ..data.replacing import DataError, ExampleStream, ReplacingDataset, StreamPosition
 from ..data.transforms import choose_captions, tokenize
+from ..utils.distributed import new_accelerator
 from .build import build_components, build_optimizer, caption_corpus, load_split, make_collator
 from .checkpoint import Counter, GeneratorState, PerProcessState, read_step, register_hooks, resolve_resume, save_checkpoint
 from .evaluation import TrainingEvaluator
@@ -37,11 +38,15 @@ logger = get_logger("diffdis.train")
 
 
 def make_accelerator(cfg) -> Accelerator:
-    """An Accelerator that really uses gloo across CPU processes when CUDA is absent."""
+    """An Accelerator that really uses gloo across CPU processes when CUDA is absent.
+
+    Built on a fresh accelerate state (:func:`~diffdis.utils.distributed.new_accelerator`), so a second run
+    in the same process (the demo, in-process tests) gets its own device and mixed precision.
+    """
     t = cfg.train
     # parameters without a gradient in some steps: the text stream (generation-only steps) or the frozen text encoder
     unused = methods.get(cfg.method).find_unused_parameters(cfg)
-    return Accelerator(
+    return new_accelerator(  # a fresh state: an earlier in-process run's device or precision must not carry over
         cpu=not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,

@@ -47,3 +47,35 @@ def gather_objects(items: List[Any], accelerator) -> List[Any]:
     from accelerate.utils import gather_object
 
     return list(gather_object(list(items)))
+
+
+def release_accelerator_state() -> bool:
+    """Forget the process-wide accelerate state that an earlier ``Accelerator`` of this process left behind.
+
+    accelerate keeps its state (device, mixed precision, gradient accumulation) in per-process
+    singletons, so a second ``Accelerator`` in the same Python process inherits the first one's
+    settings, and one that asks for others fails: ``Accelerator(cpu=True)`` after a CUDA run raises
+    "AcceleratorState has already been initialized ... pass `cpu=True`", as does another
+    ``mixed_precision``. Entry points that build their own Accelerator (training, evaluation, the
+    latent cache) call this first, so that running them one after another in one process (the demo,
+    in-process tests) behaves as separate runs do.
+
+    Returns:
+        True when the state was cleared; False when a distributed process group is active (a launched
+        multi-process run), whose state holds the process group's ranks and is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return True
+
+
+def new_accelerator(**kwargs: Any):
+    """An ``accelerate.Accelerator(**kwargs)`` built on a fresh state (:func:`release_accelerator_state`)."""
+    from accelerate import Accelerator
+
+    release_accelerator_state()
+    return Accelerator(**kwargs)

@@ -1,0 +1,415 @@
+"""The evaluation API: zero-shot classification, retrieval, generation quality, a whole model, its report.
+
+One function per kind of evaluation; the command-line tools (``diffdis.cli.zeroshot``,
+``diffdis.cli.evaluate`` and, through it, the demo) and evaluation during training
+(:class:`diffdis.train.evaluation.TrainingEvaluator`) all call them, so a number means the same
+everywhere it is printed or logged.
+
+- :func:`zero_shot`: top-1/top-5 accuracy, mean per-class recall and the confusion matrix per task
+  (DiffDis text queries, or the diffusion-classifier baseline).
+- :func:`retrieval`: recall@1/5/10 both ways between images and their captions.
+- :func:`generation_quality`: FID and prompt adherence of generated images (and the sample grid).
+- :func:`evaluate_model`: all four on a trained model folder, as ``tools/evaluate.py`` runs them.
+- :func:`report`: ``report.md``, ``metrics.json`` and the PNGs of :func:`evaluate_model`'s result.
+
+With an ``accelerator`` every process takes its shard of the images and every process returns the
+same numbers (running sums for FID and adherence, gathered features for zero-shot and retrieval);
+without one, everything runs in this process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import zeroshot as zs
+from .fid import FeatureExtractor, inception_extractor, reference_extractor
+from .reference import AttributeClassifier, default_cache_dir, load_or_train_reference_classifier
+from .report import report
+from .suite import SamplingSettings, adherence_grid, evaluate_adherence, evaluate_fid
+from .tasks import (
+    DatasetImages,
+    EvaluationError,
+    FidReference,
+    Images,
+    ZeroShotTask,
+    load_fid_reference,
+    load_retrieval_set,
+    load_zero_shot_tasks,
+)
+from ..pipelines.zeroshot import TextQuerySampler, ZeroShotModel, images_to_latents, load_zero_shot_model
+
+__all__ = [
+    "ADHERENCE_SCORES",
+    "METHODS",
+    "PARTS",
+    "PRESETS",
+    "DatasetImages",
+    "EvaluationError",
+    "EvaluationOptions",
+    "EvaluationSizes",
+    "FidReference",
+    "SamplingSettings",
+    "ZeroShotSettings",
+    "ZeroShotTask",
+    "evaluate_model",
+    "generation_quality",
+    "load_fid_reference",
+    "load_retrieval_set",
+    "load_zero_shot_tasks",
+    "preset_sizes",
+    "report",
+    "retrieval",
+    "zero_shot",
+]
+
+METHODS = ("diffdis", "diffusion_classifier")
+PARTS = ("fid", "adherence", "zeroshot", "retrieval")
+ADHERENCE_SCORES = ("shape", "colour", "both", "colour_pixel", "colour_agreement")  # the adherence/* metrics reported
+REFERENCE_RESOLUTION = 16  # input size of the reference attribute classifier (images are resized to it)
+
+
+@dataclass
+class ZeroShotSettings:
+    """How zero-shot features are computed (written into every result)."""
+
+    method: str = "diffdis"  # "diffdis" (text queries of the discrimination stream) or "diffusion_classifier" (Li et al. 2023)
+    steps: int = 10  # K denoising steps of the text query
+    guidance: float = 0.0  # w: (1+w)Φ(e,t,z) − wΦ(e,t,∅)
+    noise_samples: int = 1  # noise samples averaged per image
+    scheduler: str = "ddim"  # text-query sampler
+    ensemble: str = "auto"  # template pooling: "mean", "max", or "auto" (the built-in task's choice)
+    dc_timesteps: int = 10  # diffusion classifier: timesteps per class
+    seed: int = 0  # seed of the per-image noise
+    batch_size: int = 32  # images per batch and process
+
+
+@dataclass
+class EvaluationSizes:
+    """Set sizes of :func:`evaluate_model` (0 skips a part)."""
+
+    fid_images: int  # generated (and real) images for FID
+    adherence_per_combo: int  # images per shape x colour prompt (36 prompts)
+    zeroshot_samples: int  # embedded test images classified zero-shot
+    retrieval_samples: int  # embedded validation images for retrieval
+
+
+PRESETS: Mapping[str, Tuple[int, int, int, int]] = {  # the four sizes of EvaluationSizes, in its order
+    "full": (1000, 4, 1000, 500),
+    "quick": (500, 2, 600, 200),
+    "coco30k": (30000, 0, 0, 0),
+}
+
+
+def preset_sizes(
+    preset: str = "full",
+    fid_images: Optional[int] = None,
+    adherence_per_combo: Optional[int] = None,
+    zeroshot_samples: Optional[int] = None,
+    retrieval_samples: Optional[int] = None,
+) -> EvaluationSizes:
+    """A preset's set sizes (:data:`PRESETS`), each size that is given (not None) replacing the preset's.
+
+    Raises:
+        EvaluationError: an unknown preset or a negative size.
+    """
+    if preset not in PRESETS:
+        raise EvaluationError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    chosen = (fid_images, adherence_per_combo, zeroshot_samples, retrieval_samples)
+    sizes = EvaluationSizes(*(c if c is not None else d for c, d in zip(chosen, PRESETS[preset])))
+    if min(sizes.fid_images, sizes.adherence_per_combo, sizes.zeroshot_samples, sizes.retrieval_samples) < 0:
+        raise EvaluationError("set sizes must be >= 0")
+    return sizes
+
+
+@dataclass
+class EvaluationOptions:
+    """Everything :func:`evaluate_model` needs besides the model folder."""
+
+    sizes: EvaluationSizes = field(default_factory=preset_sizes)
+    parts: Sequence[str] = PARTS  # which of PARTS to run
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(steps=25, guidance=3.0, batch_size=64))
+    zeroshot: ZeroShotSettings = field(default_factory=lambda: ZeroShotSettings(batch_size=64))
+    extractor: str = "reference"  # FID features: "reference" (the reference classifier) or "inception"
+    inception_weights: Optional[str] = None  # local Inception weights file (extractor="inception")
+    fid_reference: Optional[str] = None  # imagefolder with metadata.jsonl; None: the embedded test split
+    reference_steps: int = 800  # training steps of the reference classifier when it is not cached yet
+    device: Optional[str] = None  # None: the accelerator's device (or cuda when present)
+    progress: bool = False  # progress bars
+
+
+# ---------------------------------------------------------------------------- zero-shot and retrieval
+def _features(model: ZeroShotModel, images: Images, settings: ZeroShotSettings, accelerator, progress: bool) -> torch.Tensor:
+    """Normalised DiffDis text queries (N, d_e) of every image, sharded over processes and gathered."""
+    sampler = TextQuerySampler.from_model(model, settings.scheduler)
+    fn = zs.diffdis_feature_fn(sampler, model.vae, settings.steps, settings.guidance, settings.noise_samples)
+    return zs.compute_image_features(fn, lambda idx: images[idx], len(images), settings.batch_size, settings.seed,
+                                     accelerator, progress)
+
+
+def _diffusion_classifier_logits(model: ZeroShotModel, task: ZeroShotTask, images: Images, settings: ZeroShotSettings,
+                                 accelerator, progress: bool) -> torch.Tensor:
+    """(N, C) logits of the diffusion classifier: one prompt per class, the task's first template."""
+    from diffusers import DDPMScheduler
+
+    device = model.unet.device
+    contexts = zs.class_contexts(model.text_encoder, model.tokenizer, task.classnames, task.templates[0], device)
+    scheduler = DDPMScheduler.from_config(model.scheduler_config)
+
+    def fn(pixels, gens):
+        latents = images_to_latents(pixels.to(device), model.vae)
+        return zs.diffusion_classifier_logits(model.unet, latents, contexts, scheduler, settings.dc_timesteps, gens)
+
+    return zs.compute_image_features(fn, lambda idx: images[idx], len(images), settings.batch_size, settings.seed,
+                                     accelerator, progress)
+
+
+@torch.no_grad()
+def zero_shot(
+    model: ZeroShotModel,
+    tasks: Mapping[str, ZeroShotTask],
+    images: Images,
+    settings: Optional[ZeroShotSettings] = None,
+    accelerator=None,
+    progress: bool = False,
+) -> Dict[str, Dict]:
+    """Zero-shot classification of ``images`` on every task; DiffDis features are computed once and shared by the tasks.
+
+    Args:
+        model: the trained model (:func:`~diffdis.pipelines.zeroshot.load_zero_shot_model`, or a
+            :class:`~diffdis.pipelines.zeroshot.ZeroShotModel` around live modules).
+        tasks: ``{name: ZeroShotTask(labels (N,), classnames, templates)}``, labels in the order of ``images``.
+        images: pixel values (N, 3, R, R) in [-1, 1], or a :class:`DatasetImages`.
+        settings: method, steps, guidance, seed, batch size.
+        accelerator: shards the images over processes (None: this process does all).
+        progress: show a progress bar.
+
+    Returns:
+        ``{task: {"task": "zeroshot_classification", "metrics": {acc1, acc5 (5+ classes),
+        mean_per_class_recall, num_samples, confusion_matrix}, "chance", "ensemble", "num_classes",
+        "classnames", "templates"}}``.
+    """
+    settings = settings or ZeroShotSettings()
+    if settings.method not in METHODS:
+        raise EvaluationError(f"unknown zero-shot method {settings.method!r}; choose one of {', '.join(METHODS)}")
+    results, features = {}, None
+    for name, task in tasks.items():
+        ensemble = None
+        if settings.method == "diffdis":
+            if features is None:
+                features = _features(model, images, settings, accelerator, progress)
+            ensemble = settings.ensemble if settings.ensemble != "auto" else zs.task_ensemble(name)
+            weights = zs.build_zero_shot_classifier(model.text_encoder, model.tokenizer, task.classnames, task.templates,
+                                                    model.unet.device, ensemble=ensemble)  # (d_e, C) or (d_e, C, T)
+            metrics = zs.evaluate_zero_shot(features, task.labels, weights)
+        else:
+            logits = _diffusion_classifier_logits(model, task, images, settings, accelerator, progress)  # (N, C)
+            metrics = zs.evaluate_zero_shot(logits, task.labels)
+        results[name] = {"task": "zeroshot_classification", "metrics": metrics, "chance": 1.0 / len(task.classnames),
+                         "ensemble": ensemble, "num_classes": len(task.classnames), "classnames": task.classnames,
+                         "templates": task.templates}
+    return results
+
+
+def _chance_hit(total: int, positives: int, k: int) -> float:
+    """Probability that k items drawn at random from ``total`` include one of ``positives``."""
+    miss = 1.0
+    for j in range(min(k, total)):
+        miss *= max(0, total - positives - j) / (total - j)
+    return 1.0 - miss
+
+
+@torch.no_grad()
+def retrieval(
+    model: ZeroShotModel,
+    images: Images,
+    captions: Sequence[Sequence[str]],
+    settings: Optional[ZeroShotSettings] = None,
+    accelerator=None,
+    progress: bool = False,
+) -> Dict[str, Dict]:
+    """Recall@1/5/10 between ``images`` and their captions, both ways (every caption of an image is a hit).
+
+    Args:
+        model: the trained model.
+        images: pixel values (N, 3, R, R) in [-1, 1], or a :class:`DatasetImages`.
+        captions: ``captions[i]`` lists image i's captions (:func:`~diffdis.eval.tasks.load_retrieval_set`).
+        settings: the DiffDis feature settings (``method`` must be ``"diffdis"``).
+        accelerator, progress: as in :func:`zero_shot`.
+
+    Returns:
+        ``{"retrieval": {"task": "zeroshot_retrieval", "metrics": {image_retrieval_recall@k,
+        text_retrieval_recall@k}, "chance": {same keys}, "num_images", "num_texts"}}``.
+    """
+    settings = settings or ZeroShotSettings()
+    if settings.method != "diffdis":
+        raise EvaluationError("--task retrieval needs --method diffdis")
+    if len(captions) != len(images):
+        raise EvaluationError(f"{len(captions)} caption lists for {len(images)} images")
+    image_features = _features(model, images, settings, accelerator, progress)  # (N, d_e)
+    texts = [c for caps in captions for c in caps]
+    index = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])  # (N_txt,)
+    text_features = zs.encode_texts(model.text_encoder, model.tokenizer, texts, model.unet.device)  # (N_txt, d_e)
+    metrics = zs.retrieval_metrics(image_features, text_features, index)
+    per_image = len(texts) // len(images)
+    chance = {}
+    for k in (1, 5, 10):
+        chance[f"image_retrieval_recall@{k}"] = _chance_hit(len(images), 1, k)
+        chance[f"text_retrieval_recall@{k}"] = _chance_hit(len(texts), per_image, k)
+    return {"retrieval": {"task": "zeroshot_retrieval", "metrics": metrics, "chance": chance,
+                          "num_images": len(images), "num_texts": len(texts)}}
+
+
+# ---------------------------------------------------------------------------- generation quality
+def generation_quality(
+    pipe,
+    settings: Optional[SamplingSettings] = None,
+    *,
+    classifier: Optional[AttributeClassifier] = None,
+    adherence_per_combo: int = 0,
+    fid_reference: Optional[FidReference] = None,
+    extractor: Optional[FeatureExtractor] = None,
+    stats_cache: Optional[Union[str, Path]] = None,
+    accelerator=None,
+    progress: bool = False,
+) -> Dict[str, Any]:
+    """FID and prompt adherence of images generated by ``pipe`` (either part is skipped when not asked for).
+
+    Args:
+        pipe: a ``DiffDisPipeline`` (images i uses seed ``settings.seed + i``).
+        settings: sampler, steps, guidance, seed, batch size.
+        classifier: the reference attribute classifier: scores adherence, and gives FID features
+            when no ``extractor`` is given.
+        adherence_per_combo: images per "a {colour} {shape}" prompt; 0 skips adherence and the grid.
+        fid_reference: the captions and real images of FID (:func:`~diffdis.eval.tasks.load_fid_reference`);
+            None skips FID.
+        extractor: FID feature space (default: the reference classifier's features).
+        stats_cache: folder caching the real images' FID statistics.
+        accelerator, progress: shard the generation over processes; show progress bars.
+
+    Returns:
+        ``metrics`` (flat: ``fid``, ``adherence/{shape,colour,both,colour_pixel,colour_agreement}``),
+        ``fid`` (the FID report with its settings) and ``adherence`` (every adherence metric), each
+        None when skipped, ``grid`` (one captioned image per shape x colour, or None) and ``timings_s``.
+    """
+    settings = settings or SamplingSettings()
+    out: Dict[str, Any] = {"metrics": {}, "fid": None, "adherence": None, "grid": None, "timings_s": {}}
+    if fid_reference is not None:
+        if extractor is None and classifier is None:
+            raise ValueError("FID needs a feature extractor or the reference classifier")
+        t = time.perf_counter()
+        extractor = extractor or reference_extractor(classifier)
+        captions, real, name = fid_reference
+        out["fid"] = evaluate_fid(pipe, captions, real, extractor, name, settings, stats_cache, accelerator, progress)
+        out["metrics"]["fid"] = out["fid"]["fid"]
+        out["timings_s"]["fid"] = time.perf_counter() - t
+    if adherence_per_combo > 0:
+        if classifier is None:
+            raise ValueError("prompt adherence needs the reference classifier")
+        t = time.perf_counter()
+        metrics, images, prompts = evaluate_adherence(pipe, classifier, adherence_per_combo, settings, accelerator, progress)
+        out["adherence"] = metrics
+        out["metrics"].update({f"adherence/{k}": metrics[f"adherence/{k}"] for k in ADHERENCE_SCORES})
+        out["grid"] = adherence_grid(images, prompts)  # images: (36, 3, H, W) uint8, one per combination
+        out["timings_s"]["adherence"] = time.perf_counter() - t
+    return out
+
+
+# ---------------------------------------------------------------------------- a whole model
+def _extractor(options: EvaluationOptions, classifier: Optional[AttributeClassifier]) -> FeatureExtractor:
+    if options.extractor == "inception":
+        if not options.inception_weights:
+            raise EvaluationError("extractor 'inception' needs a local Inception weights file (nothing can be downloaded)")
+        try:
+            return inception_extractor(options.inception_weights)
+        except (FileNotFoundError, ModuleNotFoundError) as err:
+            raise EvaluationError(str(err)) from None
+    if options.extractor != "reference":
+        raise EvaluationError(f"unknown FID extractor {options.extractor!r}; choose reference or inception")
+    return reference_extractor(classifier)
+
+
+def _zero_shot_parts(model_dir, options: EvaluationOptions, parts: Sequence[str], device, accelerator) -> Dict[str, Dict]:
+    """Zero-shot classification on every embedded task (test split) and retrieval (validation split)."""
+    sizes = options.sizes
+    model = load_zero_shot_model(model_dir, device)
+    results: Dict[str, Dict] = {}
+    if "zeroshot" in parts and sizes.zeroshot_samples > 0:
+        images, tasks = load_zero_shot_tasks("embedded", "all", num_samples=sizes.zeroshot_samples, resolution=model.resolution)
+        results.update(zero_shot(model, tasks, images, options.zeroshot, accelerator, options.progress))
+    if "retrieval" in parts and sizes.retrieval_samples > 0:
+        images, captions = load_retrieval_set("validation", sizes.retrieval_samples, model.resolution)
+        results.update(retrieval(model, images, captions, options.zeroshot, accelerator, options.progress))
+    return results
+
+
+def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOptions] = None, accelerator=None) -> Dict[str, Any]:
+    """Evaluate a trained model folder: FID, prompt adherence, zero-shot accuracy on every embedded task, retrieval.
+
+    Args:
+        model_dir: a trained model folder (``<output_dir>/model``).
+        options: set sizes, parts, sampling and zero-shot settings, FID features and reference set.
+        accelerator: shards every part over processes (None: one process).
+
+    Returns:
+        What :func:`report` writes: ``metrics`` (flat), ``fid``, ``adherence``, ``zeroshot`` (``{task:
+        result}``), ``grid``, ``timings_s``, ``sizes``, ``model``, ``options``, ``is_main`` and ``num_processes``.
+
+    Raises:
+        EvaluationError: a folder that is not a model, a bad reference set or Inception weights file.
+    """
+    from dataclasses import asdict
+
+    from ..pipelines.text_to_image import load_pipeline
+
+    options = options or EvaluationOptions()
+    unknown = [p for p in options.parts if p not in PARTS]
+    if unknown:
+        raise EvaluationError(f"unknown evaluation part {unknown[0]!r}; choose from {', '.join(PARTS)}")
+    parts, sizes = [p for p in PARTS if p in options.parts], options.sizes
+    default = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = options.device or str(default)
+    try:
+        pipe = load_pipeline(model_dir, options.sampling.scheduler, device, "float32")
+    except (ValueError, OSError) as err:
+        raise EvaluationError(str(err).splitlines()[0]) from None
+    height, _ = pipe.default_size()
+    out: Dict[str, Any] = {"metrics": {}, "fid": None, "adherence": None, "zeroshot": {}, "grid": None, "timings_s": {}}
+    classifier = None
+    if ("fid" in parts and options.extractor == "reference") or ("adherence" in parts and sizes.adherence_per_combo > 0):
+        t = time.perf_counter()
+        classifier = load_or_train_reference_classifier(resolution=REFERENCE_RESOLUTION, steps=options.reference_steps)
+        out["timings_s"]["reference_classifier"] = time.perf_counter() - t
+    fid_set, extractor = None, None
+    if "fid" in parts and sizes.fid_images > 0:
+        fid_set = load_fid_reference(options.fid_reference, sizes.fid_images, height)
+        extractor = _extractor(options, classifier)
+    quality = generation_quality(
+        pipe, options.sampling, classifier=classifier,
+        adherence_per_combo=sizes.adherence_per_combo if "adherence" in parts else 0,
+        fid_reference=fid_set, extractor=extractor, stats_cache=default_cache_dir() / "fid_stats",
+        accelerator=accelerator, progress=options.progress,
+    )
+    for key in ("fid", "adherence", "grid"):
+        out[key] = quality[key]
+    out["metrics"].update(quality["metrics"])
+    out["timings_s"].update(quality["timings_s"])
+    del pipe, quality
+    if "zeroshot" in parts or "retrieval" in parts:
+        t = time.perf_counter()
+        out["zeroshot"] = _zero_shot_parts(model_dir, options, parts, options.device or default, accelerator)
+        for task, res in out["zeroshot"].items():
+            for key, value in res["metrics"].items():
+                if key != "confusion_matrix":
+                    out["metrics"][f"{task}/{key}"] = value
+        out["timings_s"]["zeroshot_and_retrieval"] = time.perf_counter() - t
+    out["sizes"] = asdict(sizes)
+    out["model"] = str(model_dir)
+    out["options"] = options
+    out["is_main"] = accelerator.is_main_process if accelerator is not None else True
+    out["num_processes"] = accelerator.num_processes if accelerator is not None else 1
+    return out
