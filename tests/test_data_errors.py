@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -46,9 +45,8 @@ def test_an_empty_split_does_not_stop_the_other_split(tmp_path):
 
 def test_train_cli_reports_an_empty_metadata_file_in_one_line(tmp_path, tiny_overrides, capsys):
     folder = _folder(tmp_path / "data", "metadata.jsonl", "")
-    spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from diffdis.cli import train as tool
+
     out = tmp_path / "run"
     rc = tool.main(tiny_overrides + [f"data.name={folder}", f"train.output_dir={out}", "train.max_steps=1", "train.report_to=none"])
     assert rc != 0
