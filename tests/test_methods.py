@@ -77,3 +77,28 @@ def test_method_trains_from_the_command_line_in_two_processes(tmp_path, tiny_ove
     logged = set().union(*rows)
     assert ("train/loss_ita" in logged) == (name == "disc_only") and ("train/loss_ig" in logged) == (name == "gen_only")
     assert "val/loss" in logged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gen_only", "disc_only"])
+def test_method_models_are_evaluated_on_what_they_train(tmp_path, monkeypatch, tiny_overrides, name):
+    """gen_only: FID, adherence and zero-shot by the diffusion classifier, no retrieval; disc_only: zero-shot by text
+    queries and retrieval, no FID nor adherence (its generation head was never trained)."""
+    from diffdis.cli import evaluate, train, zeroshot
+
+    monkeypatch.setenv("DIFFDIS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train.main(tiny_overrides + [f"method={name}", f"train.output_dir={out}", "train.max_steps=2",
+                                        "train.report_to=none"]) == 0
+    small = ["--fid-images", "8", "--adherence-per-combo", "1", "--zeroshot-samples", "4", "--retrieval-samples", "4",
+             "--steps", "2", "--zs-steps", "2", "--dc-timesteps", "2", "--batch-size", "16", "--reference-steps", "20",
+             "--device", "cpu"]
+    assert evaluate.main([str(out / "model"), "--out", str(tmp_path / "eval")] + small) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert "shape/acc1" in metrics
+    assert ("fid" in metrics and "adherence/shape" in metrics) == (name == "gen_only")
+    assert ("retrieval/image_retrieval_recall@1" in metrics) == (name == "disc_only")
+    assert zeroshot.main([str(out / "model"), "--task", "colour", "--num-samples", "4", "--steps", "2", "--dc-timesteps", "2",
+                          "--device", "cpu", "--out", str(tmp_path / "zs")]) == 0
+    settings = json.loads((tmp_path / "zs" / "results.json").read_text())
+    assert settings["method"] == ("diffusion_classifier" if name == "gen_only" else "diffdis")

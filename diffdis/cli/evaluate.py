@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="ddim", help="sampling scheduler (default: ddim)")
     p.add_argument("--zs-steps", type=int, default=10, help="text-query denoising steps K (default: 10)")
     p.add_argument("--zs-guidance", type=float, default=0.0, help="zero-shot guidance w (default: 0)")
+    p.add_argument("--dc-timesteps", type=int, default=10,
+                   help="timesteps per class of the diffusion classifier, the zero-shot of models without a trained "
+                        "text stream (method=gen_only) (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of generation and zero-shot noise (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--extractor", default="reference", choices=("reference", "inception"),
@@ -108,7 +111,8 @@ def options_from_args(args: argparse.Namespace) -> EvaluationOptions:
         sizes=sizes,
         parts=tuple(p for p in PARTS if p not in args.skip),
         sampling=SamplingSettings(args.steps, args.guidance, args.scheduler, args.seed, args.batch_size),
-        zeroshot=ZeroShotSettings(steps=args.zs_steps, guidance=args.zs_guidance, seed=args.seed, batch_size=args.batch_size),
+        zeroshot=ZeroShotSettings(steps=args.zs_steps, guidance=args.zs_guidance, seed=args.seed, batch_size=args.batch_size,
+                                  dc_timesteps=args.dc_timesteps),
         extractor=args.extractor,
         inception_weights=args.inception_weights,
         fid_reference=args.fid_reference,

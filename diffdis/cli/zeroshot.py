@@ -27,6 +27,7 @@ from diffdis.eval.api import (
     METHODS,
     EvaluationError,
     ZeroShotSettings,
+    applicable,
     load_retrieval_set,
     load_zero_shot_tasks,
     retrieval,
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default=None, help="dataset split (default: test; validation for retrieval)")
     p.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N images")
-    p.add_argument("--method", default="diffdis", choices=METHODS, help="classifier (default: diffdis)")
+    p.add_argument("--method", default="auto", choices=("auto",) + tuple(METHODS),
+                   help="classifier: diffdis (the discrimination stream's text queries), diffusion_classifier, or auto: the "
+                        "one the model's training method provides (gen_only: diffusion_classifier) (default: auto)")
     p.add_argument("--steps", type=int, default=10, help="K denoising steps of the text query (default: 10)")
     p.add_argument("--guidance", type=float, default=0.0, help="w: (1+w)Φ(e,t,z) − wΦ(e,t,∅) (default: 0)")
     p.add_argument("--noise-samples", type=int, default=1, help="noise samples averaged per image (default: 1)")
@@ -89,11 +92,13 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluationError("--steps, --noise-samples and --batch-size must be >= 1")
     if args.task == "retrieval" and args.dataset != "embedded":
         raise EvaluationError("--task retrieval is available on the embedded dataset only")
+    accelerator = new_accelerator(cpu=(args.device == "cpu") or not torch.cuda.is_available())
+    model = load_zero_shot_model(args.model_dir, args.device or accelerator.device)
+    if args.method == "auto":  # the classifier the model's training method provides
+        args.method = applicable(model.config)["classifier"]
     settings = ZeroShotSettings(method=args.method, steps=args.steps, guidance=args.guidance, noise_samples=args.noise_samples,
                                 scheduler=args.scheduler, ensemble=args.ensemble, dc_timesteps=args.dc_timesteps,
                                 seed=args.seed, batch_size=args.batch_size)
-    accelerator = new_accelerator(cpu=(args.device == "cpu") or not torch.cuda.is_available())
-    model = load_zero_shot_model(args.model_dir, args.device or accelerator.device)
     resolution = model.resolution
     if args.task == "retrieval":
         images, captions = load_retrieval_set(args.split or "validation", args.num_samples, resolution)

@@ -20,7 +20,7 @@ without one, everything runs in this process.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -45,6 +45,7 @@ from ..pipelines.zeroshot import TextQuerySampler, ZeroShotModel, images_to_late
 
 __all__ = [
     "ADHERENCE_SCORES",
+    "applicable",
     "METHODS",
     "PARTS",
     "PRESETS",
@@ -67,7 +68,7 @@ __all__ = [
     "zero_shot",
 ]
 
-METHODS = ("diffdis", "diffusion_classifier")
+METHODS = ("diffdis", "diffusion_classifier")  # zero-shot classifiers ("auto": the one the training method provides)
 PARTS = ("fid", "adherence", "zeroshot", "retrieval")
 ADHERENCE_SCORES = ("shape", "colour", "both", "colour_pixel", "colour_agreement")  # the adherence/* metrics reported
 REFERENCE_RESOLUTION = 16  # input size of the reference attribute classifier (images are resized to it)
@@ -77,7 +78,7 @@ REFERENCE_RESOLUTION = 16  # input size of the reference attribute classifier (i
 class ZeroShotSettings:
     """How zero-shot features are computed (written into every result)."""
 
-    method: str = "diffdis"  # "diffdis" (text queries of the discrimination stream) or "diffusion_classifier" (Li et al. 2023)
+    method: str = "auto"  # "diffdis" (text queries of the discrimination stream), "diffusion_classifier" (Li et al. 2023), or "auto": the one the model's training method provides
     steps: int = 10  # K denoising steps of the text query
     guidance: float = 0.0  # w: (1+w)Φ(e,t,z) − wΦ(e,t,∅)
     noise_samples: int = 1  # noise samples averaged per image
@@ -169,6 +170,15 @@ def _diffusion_classifier_logits(model: ZeroShotModel, task: ZeroShotTask, image
 
 
 @torch.no_grad()
+def _resolved(settings: ZeroShotSettings, model: ZeroShotModel) -> ZeroShotSettings:
+    """``settings`` with ``method="auto"`` replaced by the classifier the model's training method provides."""
+    if settings.method == "auto":
+        return replace(settings, method=applicable(model.config)["classifier"])
+    if settings.method not in METHODS:
+        raise EvaluationError(f"unknown zero-shot method {settings.method!r}; choose one of auto, {', '.join(METHODS)}")
+    return settings
+
+
 def zero_shot(
     model: ZeroShotModel,
     tasks: Mapping[str, ZeroShotTask],
@@ -193,9 +203,7 @@ def zero_shot(
         mean_per_class_recall, num_samples, confusion_matrix}, "chance", "ensemble", "num_classes",
         "classnames", "templates"}}``.
     """
-    settings = settings or ZeroShotSettings()
-    if settings.method not in METHODS:
-        raise EvaluationError(f"unknown zero-shot method {settings.method!r}; choose one of {', '.join(METHODS)}")
+    settings = _resolved(settings or ZeroShotSettings(), model)
     results, features = {}, None
     for name, task in tasks.items():
         ensemble = None
@@ -245,9 +253,10 @@ def retrieval(
         ``{"retrieval": {"task": "zeroshot_retrieval", "metrics": {image_retrieval_recall@k,
         text_retrieval_recall@k}, "chance": {same keys}, "num_images", "num_texts"}}``.
     """
-    settings = settings or ZeroShotSettings()
+    settings = _resolved(settings or ZeroShotSettings(), model)
     if settings.method != "diffdis":
-        raise EvaluationError("--task retrieval needs --method diffdis")
+        raise EvaluationError("retrieval needs the discrimination stream (--method diffdis); this model's zero-shot "
+                              "classifier is the diffusion classifier")
     if len(captions) != len(images):
         raise EvaluationError(f"{len(captions)} caption lists for {len(images)} images")
     image_features = _features(model, images, settings, accelerator, progress)  # (N, d_e)
@@ -347,6 +356,30 @@ def _zero_shot_parts(model_dir, options: EvaluationOptions, parts: Sequence[str]
     return results
 
 
+def applicable(config: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """What a trained model can be scored on, from the training method recorded in its ``diffdis_config.yaml``.
+
+    Returns ``method`` (its name; ``diffdis`` for folders from before methods were recorded), ``generates`` (FID and
+    prompt adherence apply), ``discriminates`` (text-query zero-shot and retrieval apply) and ``classifier`` (the
+    zero-shot classifier that applies: ``diffdis`` or ``diffusion_classifier``).
+    """
+    from omegaconf import OmegaConf
+
+    from .. import methods
+    from ..config import LossConfig
+
+    config = dict(config or {})
+    name = config.get("method", "diffdis")
+    try:
+        method = methods.get(name)
+    except ValueError as err:
+        raise EvaluationError(f"the model was trained with {err}") from None
+    loss = OmegaConf.merge(OmegaConf.structured(LossConfig), config.get("loss", {}))
+    discriminates = method.trains_discrimination(loss)
+    return {"method": name, "generates": method.trains_generation(loss), "discriminates": discriminates,
+            "classifier": "diffdis" if discriminates else "diffusion_classifier"}
+
+
 def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOptions] = None, accelerator=None) -> Dict[str, Any]:
     """Evaluate a trained model folder: FID, prompt adherence, zero-shot accuracy on every embedded task, retrieval.
 
@@ -366,11 +399,18 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
 
     from ..pipelines.text_to_image import load_pipeline
 
+    from ..pipelines.zeroshot import read_training_config
+
     options = options or EvaluationOptions()
     unknown = [p for p in options.parts if p not in PARTS]
     if unknown:
         raise EvaluationError(f"unknown evaluation part {unknown[0]!r}; choose from {', '.join(PARTS)}")
+    scope = applicable(read_training_config(Path(model_dir)))
     parts, sizes = [p for p in PARTS if p in options.parts], options.sizes
+    if not scope["generates"]:  # a discrimination-only model: its generation head was never trained
+        parts = [p for p in parts if p not in ("fid", "adherence")]
+    if not scope["discriminates"]:  # no text stream: zero-shot by the diffusion classifier, no retrieval
+        parts = [p for p in parts if p != "retrieval"]
     default = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     device = options.device or str(default)
     try:
@@ -409,6 +449,8 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
         out["timings_s"]["zeroshot_and_retrieval"] = time.perf_counter() - t
     out["sizes"] = asdict(sizes)
     out["model"] = str(model_dir)
+    out["method"] = scope["method"]
+    out["parts"] = parts
     out["options"] = options
     out["is_main"] = accelerator.is_main_process if accelerator is not None else True
     out["num_processes"] = accelerator.num_processes if accelerator is not None else 1

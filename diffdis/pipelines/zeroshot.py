@@ -119,7 +119,7 @@ def check_dual_stream_folder(folder: Union[str, Path]) -> None:
         )
 
 
-def _read_training_config(folder: Path) -> Dict[str, Any]:
+def read_training_config(folder: Path) -> Dict[str, Any]:
     path = folder / "diffdis_config.yaml"
     if not path.is_file():
         return {}
@@ -132,7 +132,7 @@ def load_zero_shot_model(folder: Union[str, Path], device: Union[str, torch.devi
     """Load a trained model folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, opt. ``vae/``)."""
     folder = Path(folder)
     check_dual_stream_folder(folder)
-    cfg = _read_training_config(folder)
+    cfg = read_training_config(folder)
     unet = DualStreamUNet.from_pretrained(folder / "unet").to(device).eval()
     text_encoder = load_text_encoder(str(folder)).to(device).eval()
     tokenizer = load_tokenizer(str(folder))
