@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -44,36 +43,14 @@ REFERENCE_RESOLUTION = 16  # the reference classifier's input size (generated im
 ADHERENCE_KEYS = ("shape", "colour", "both", "colour_pixel")
 
 
-@dataclass
-class EvalSettings:
-    """Sizes and sampler settings of the evaluation during training (``train.eval_*``)."""
-
-    adherence_per_combo: int = 1  # images per shape x colour prompt; 0 skips adherence and the grid
-    zeroshot_samples: int = 120  # embedded test images classified zero-shot; 0 skips zero-shot
-    steps: int = 20  # DDIM steps of the adherence samples
-    guidance: float = 3.0  # classifier-free guidance scale of the adherence samples
-    zs_steps: int = 10  # text-query denoising steps K of zero-shot classification
-    batch_size: int = 64  # images per batch and process
-    seed: int = 0  # noise seed of both parts: the same noise at every evaluation
-    text_scale: float = 1.0  # gamma of the text forward process (``loss.text_scale``)
-
-    @classmethod
-    def from_config(cls, cfg) -> "EvalSettings":
-        """Settings from a run config; zero-shot is skipped when the text stream is not trained."""
-        t = cfg.train
-        method = methods.get(cfg.method)
-        zeroshot = t.eval_zeroshot_samples if method.trains_discrimination(cfg.loss) else 0
-        adherence = t.eval_adherence_per_combo if method.trains_generation(cfg.loss) else 0
-        return cls(
-            adherence_per_combo=adherence,
-            zeroshot_samples=zeroshot,
-            steps=t.eval_steps,
-            guidance=t.eval_guidance,
-            zs_steps=t.eval_zs_steps,
-            batch_size=t.eval_batch_size,
-            seed=t.seed,
-            text_scale=cfg.loss.text_scale,
-        )
+def evaluation_sizes(cfg) -> Tuple[int, int]:
+    """``(adherence images per shape x colour prompt, zero-shot test images)`` of a run's evaluation during training:
+    ``train.eval_adherence_per_combo`` and ``train.eval_zeroshot_samples``, each 0 where the run's method does not
+    train the stream it scores (generation; the discrimination stream)."""
+    method, t = methods.get(cfg.method), cfg.train
+    adherence = t.eval_adherence_per_combo if method.trains_generation(cfg.loss) else 0
+    zeroshot = t.eval_zeroshot_samples if method.trains_discrimination(cfg.loss) else 0
+    return adherence, zeroshot
 
 
 def embedded_test_subset(num: int, resolution: int, seed: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -115,30 +92,32 @@ class TrainingEvaluator:
     weights in first); see the module docstring for why non-embedded data is a start-up error.
 
     Args:
-        settings: sizes and sampler settings.
-        classifier: the reference attribute classifier (needed when ``settings.adherence_per_combo > 0``).
-        pixels: zero-shot test images (N, 3, R, R) in [-1, 1] (needed when ``settings.zeroshot_samples > 0``).
+        cfg: the run config: sizes and sampler settings are its ``train.eval_*`` keys (:func:`evaluation_sizes`),
+            the noise seed ``train.seed``, the text forward process's gamma ``loss.text_scale``.
+        classifier: the reference attribute classifier (needed when adherence is on).
+        pixels: zero-shot test images (N, 3, R, R) in [-1, 1] (needed when zero-shot is on).
         labels: ``{task: (N,) class ids}`` of ``pixels`` for every task of ``EMBEDDED_TASKS``.
     """
 
     def __init__(
         self,
-        settings: EvalSettings,
+        cfg,
         classifier: Optional[AttributeClassifier] = None,
         pixels: Optional[torch.Tensor] = None,
         labels: Optional[Dict[str, torch.Tensor]] = None,
     ):
-        if settings.adherence_per_combo > 0 and classifier is None:
+        self.cfg = cfg
+        self.adherence_per_combo, self.zeroshot_samples = evaluation_sizes(cfg)
+        if self.adherence_per_combo > 0 and classifier is None:
             raise ValueError("prompt adherence needs the reference classifier")
-        if settings.zeroshot_samples > 0 and (pixels is None or labels is None):
+        if self.zeroshot_samples > 0 and (pixels is None or labels is None):
             raise ValueError("zero-shot accuracy needs the test images and their labels")
-        self.settings = settings
         self.classifier = classifier
         self.pixels = pixels  # (N, 3, R, R)
         self.labels = labels or {}
         self.tasks = (
             {task: ZeroShotTask(self.labels[task], *load_task(task)) for task in EMBEDDED_TASKS}
-            if settings.zeroshot_samples > 0 else {}
+            if self.zeroshot_samples > 0 else {}
         )
 
     @classmethod
@@ -152,16 +131,16 @@ class TrainingEvaluator:
             ConfigError: ``train.eval_every > 0`` with data other than the embedded shapes.
         """
         check_evaluation_data(cfg)
-        settings = EvalSettings.from_config(cfg)
+        adherence, zeroshot = evaluation_sizes(cfg)
         device = accelerator.device if accelerator is not None else "cpu"
-        if classifier is None and settings.adherence_per_combo > 0:
+        if classifier is None and adherence > 0:
             classifier = load_or_train_reference_classifier(resolution=REFERENCE_RESOLUTION, device=device)
         if classifier is not None:
             classifier = classifier.to(device).eval()
         pixels, labels = None, None
-        if settings.zeroshot_samples > 0:
-            pixels, labels = embedded_test_subset(settings.zeroshot_samples, cfg.data.resolution, cfg.data.seed)
-        return cls(settings, classifier, pixels, labels)
+        if zeroshot > 0:
+            pixels, labels = embedded_test_subset(zeroshot, cfg.data.resolution, cfg.data.seed)
+        return cls(cfg, classifier, pixels, labels)
 
     @torch.no_grad()
     def __call__(
@@ -187,10 +166,10 @@ class TrainingEvaluator:
         # fixed per-image generators drive all sampling; fork_rng keeps the training RNG untouched regardless
         devices = [unet.device] if unet.device.type == "cuda" else []
         with eval_mode([unet, text_encoder, vae]), torch.random.fork_rng(devices=devices), autocast:
-            if self.settings.adherence_per_combo > 0:
+            if self.adherence_per_combo > 0:
                 adherence, grid = self._adherence(accelerator, unet, text_encoder, tokenizer, scheduler_config, vae)
                 metrics.update(adherence)
-            if self.settings.zeroshot_samples > 0:
+            if self.zeroshot_samples > 0:
                 metrics.update(self._zero_shot(accelerator, unet, text_encoder, tokenizer, scheduler_config, vae))
         metrics["eval/seconds"] = time.perf_counter() - start
         logger.debug(f"evaluation at step {step} took {metrics['eval/seconds']:.1f} s")
@@ -198,18 +177,19 @@ class TrainingEvaluator:
 
     def _adherence(self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae) -> Tuple[Dict[str, float], Image.Image]:
         """Adherence metrics of "a {colour} {shape}" samples (generation sharded) and their grid."""
-        s = self.settings
+        t = self.cfg.train
         pipe = build_pipeline(unet, text_encoder, tokenizer, scheduler_config, vae)
-        sampling = SamplingSettings(steps=s.steps, guidance=s.guidance, scheduler="ddim", seed=s.seed, batch_size=s.batch_size)
-        quality = generation_quality(pipe, sampling, classifier=self.classifier, adherence_per_combo=s.adherence_per_combo,
+        sampling = SamplingSettings(steps=t.eval_steps, guidance=t.eval_guidance, scheduler="ddim", seed=t.seed,
+                                    batch_size=t.eval_batch_size)
+        quality = generation_quality(pipe, sampling, classifier=self.classifier, adherence_per_combo=self.adherence_per_combo,
                                      accelerator=accelerator)
         metrics = {f"eval/adherence_{k}": float(quality["adherence"][f"adherence/{k}"]) for k in ADHERENCE_KEYS}
         return metrics, quality["grid"]
 
     def _zero_shot(self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae) -> Dict[str, float]:
         """Top-1 zero-shot accuracy per embedded task; the DiffDis features are sharded, then shared by all tasks."""
-        s = self.settings
-        model = ZeroShotModel(unet, text_encoder, tokenizer, scheduler_config, vae, s.text_scale)
-        settings = ZeroShotSettings(steps=s.zs_steps, guidance=0.0, seed=s.seed, batch_size=s.batch_size)
+        t = self.cfg.train
+        model = ZeroShotModel(unet, text_encoder, tokenizer, scheduler_config, vae, self.cfg.loss.text_scale)
+        settings = ZeroShotSettings(method="diffdis", steps=t.eval_zs_steps, guidance=0.0, seed=t.seed, batch_size=t.eval_batch_size)
         results = zero_shot(model, self.tasks, self.pixels, settings, accelerator)
         return {f"eval/zeroshot_{task}": float(res["metrics"]["acc1"]) for task, res in results.items()}
