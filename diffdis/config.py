@@ -137,6 +137,17 @@ class EMAConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """Zero-shot inference defaults, saved into the model's zero-shot pipeline (``zeroshot_index.json``) and used by
+    evaluation during training; tools/zeroshot.py and tools/evaluate.py can override them per run."""
+
+    steps: int = 10  # K: denoising steps of the image-side text query
+    guidance: float = 0.0  # w: (1+w)Φ(e,t,z) − wΦ(e,t,∅) on the image condition; 0 skips the unconditional pass
+    noise_samples: int = 1  # noise draws averaged per image
+    scheduler: str = "ddim"  # text-query sampler: "ddim" or "dpm++"
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, precision, checkpoints and logging."""
 
@@ -171,7 +182,6 @@ class TrainConfig:
     eval_zeroshot_samples: int = 120  # embedded test images classified zero-shot (shape, colour, colour_shape tasks); 0 skips
     eval_steps: int = 20  # DDIM sampling steps of the evaluation images
     eval_guidance: float = 3.0  # classifier-free guidance scale of the evaluation images (diffusers' g; <= 1 is unguided)
-    eval_zs_steps: int = 10  # text-query denoising steps K of the zero-shot evaluation
     eval_batch_size: int = 64  # images per batch and process during evaluation
     report_to: str = "tensorboard"  # "tensorboard", "wandb", "all" or "none"
 
@@ -186,6 +196,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 _CHOICES = {
@@ -196,6 +207,7 @@ _CHOICES = {
     "model.unet.addition_embed_type": (None, "text"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "wandb", "all", "none"),
+    "zeroshot.scheduler": ("ddim", "dpm++"),
 }
 
 
@@ -256,8 +268,11 @@ def _validate_evaluation(cfg: Config) -> None:
     t = cfg.train
     if min(t.eval_every, t.eval_adherence_per_combo, t.eval_zeroshot_samples) < 0:
         raise ConfigError("train.eval_every, train.eval_adherence_per_combo and train.eval_zeroshot_samples must be >= 0")
-    if t.eval_steps < 1 or t.eval_zs_steps < 1 or t.eval_batch_size < 1:
-        raise ConfigError("train.eval_steps, train.eval_zs_steps and train.eval_batch_size must be at least 1")
+    if t.eval_steps < 1 or t.eval_batch_size < 1:
+        raise ConfigError("train.eval_steps and train.eval_batch_size must be at least 1")
+    z = cfg.zeroshot
+    if z.steps < 1 or z.noise_samples < 1:
+        raise ConfigError("zeroshot.steps and zeroshot.noise_samples must be at least 1")
     check_evaluation_data(cfg)
 
 

@@ -73,6 +73,9 @@ def test_method_trains_from_the_command_line_in_two_processes(tmp_path, tiny_ove
     assert summary["replica_param_checksums"][0] == summary["replica_param_checksums"][1]
     saved = (out / "model" / "diffdis_config.yaml").read_text()
     assert f"method: {name}" in saved
+    index = json.loads((out / "model" / "zeroshot_index.json").read_text())  # what inference reads
+    assert index["method"] == name and index["generates"] == (name == "gen_only")
+    assert index["classifier"] == ("diffusion_classifier" if name == "gen_only" else "text_query")
     rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     logged = set().union(*rows)
     assert ("train/loss_ita" in logged) == (name == "disc_only") and ("train/loss_ig" in logged) == (name == "gen_only")

@@ -149,9 +149,7 @@ def run_evaluation(accelerator, evaluator: TrainingEvaluator, module, components
     """
     model = accelerator.unwrap_model(module)
     with ema_weights(ema, module.parameters()):
-        metrics, grid = evaluator(
-            accelerator, model.unet, model.text_encoder, components.tokenizer, components.noise_scheduler.config, components.vae, step
-        )
+        metrics, grid = evaluator(accelerator, model, components, step)
     if accelerator.is_main_process:
         accelerator.log(metrics, step=step)
         history.add(step, metrics)
@@ -182,9 +180,8 @@ def _fixed_batches(cfg, tokenizer, n: int):
 
 
 def export_model(components, module: methods.Method, cfg, out_dir: Path, ema: Optional[EMAModel]) -> Path:
-    """Write the final ``DiffDisPipeline`` folder (EMA weights where EMA is on), atomically."""
-    from ..pipelines import DiffDisPipeline
-
+    """Write the final model folder (the method's pipelines, EMA weights where EMA is on, and the run's config as a
+    record in ``diffdis_config.yaml``), atomically."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -192,14 +189,7 @@ def export_model(components, module: methods.Method, cfg, out_dir: Path, ema: Op
         ema.store(module.parameters())
         ema.copy_to(module.parameters())
     try:
-        pipe = DiffDisPipeline(
-            unet=module.unet,
-            text_encoder=module.text_encoder,
-            tokenizer=components.tokenizer,
-            scheduler=components.noise_scheduler,
-            vae=components.vae,
-        )
-        pipe.save_pretrained(tmp)
+        module.save_pretrained(tmp, components, cfg)
     finally:
         if ema is not None:
             ema.restore(module.parameters())
