@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import shutil
 import time
@@ -492,8 +493,23 @@ def finish(run: Run) -> Path:
         }
         (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    _shut_down(run, final)
     return model_dir
+
+
+def _shut_down(run: Run, final: torch.nn.Module) -> None:
+    """Finish the trackers and destroy the process group, the DDP wrapper first.
+
+    DDP's reducer holds the process group; when the reducer is its last holder, the group is destroyed while the
+    GIL is held, and a gloo worker thread still releasing the tensors of the last collectives waits for the GIL
+    forever: the process hangs at exit after training has finished (seen under CPU load with two processes). Freed
+    here while ``torch.distributed`` still holds the group, the reducer only drops a reference; the group is then
+    destroyed by ``destroy_process_group``, whose binding releases the GIL.
+    """
+    run.module = final  # the DDP wrapper's last references: the run and the accelerator
+    run.accelerator.free_memory()  # drops the accelerator's models, optimisers and schedulers
+    gc.collect()  # the wrapper is in reference cycles (hooks)
+    run.accelerator.end_training()  # trackers; destroy_process_group()
 
 
 def check_usable(accelerator, dataset, prepare, iterable: bool) -> None:
