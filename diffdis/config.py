@@ -55,6 +55,20 @@ class TextEncoderConfig:
 
 
 @dataclass
+class ClipConfig:
+    """Image tower of ``method=clip``: a ViT built through transformers' ``CLIPModel`` at ``data.resolution``; the
+    text tower is the run's text encoder (``model.text_encoder``), both projecting to its ``projection_dim``."""
+
+    patch_size: int = 4  # ViT patch side in pixels (data.resolution must be a multiple)
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    logit_scale_init: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
+    logit_scale_max: float = 100.0
+
+
+@dataclass
 class ModelConfig:
     """Which components to build or load, and the shape of the discrimination stream."""
 
@@ -64,6 +78,7 @@ class ModelConfig:
     patch_size: int = 1  # tiny pixel-space models: p > 1 folds p x p pixel patches into channels (the UNet sees 3*p*p channels at resolution/p)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip only
     fusion: str = "joint"  # "joint" (paper) or "one_way" (image tokens never see the text token)
     post_mid_layers: int = 1  # M transformer layers after the mid block
     text_prediction_type: str = "sample"  # the text head predicts e0 ("sample", paper) or noise ("epsilon")

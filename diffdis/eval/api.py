@@ -169,7 +169,7 @@ def _diffusion_classifier_logits(model: DiffDisZeroShotPipeline, task: ZeroShotT
                                      accelerator, progress)
 
 
-def resolved_settings(settings: ZeroShotSettings, model: DiffDisZeroShotPipeline) -> ZeroShotSettings:
+def resolved_settings(settings: ZeroShotSettings, model) -> ZeroShotSettings:
     """``settings`` with ``method="auto"`` replaced by the classifier the model provides, and the pipeline's
     saved K, w, n and sampler filled in where ``settings`` leaves them None (so results record what ran)."""
     cfg = model.config
@@ -180,12 +180,13 @@ def resolved_settings(settings: ZeroShotSettings, model: DiffDisZeroShotPipeline
     if settings.method == "diffdis" and not model.discriminates:
         raise EvaluationError(f"the model (method {cfg.method!r}) has no trained text stream: use --method "
                               "diffusion_classifier or auto")
+    saved = dict(cfg)  # a CLIP pipeline has no K, w, n or sampler: they stay None
     return replace(
         settings,
-        steps=settings.steps if settings.steps is not None else cfg.num_inference_steps,
-        guidance=settings.guidance if settings.guidance is not None else cfg.guidance_scale,
-        noise_samples=settings.noise_samples if settings.noise_samples is not None else cfg.num_noise_samples,
-        scheduler=settings.scheduler or cfg.text_scheduler,
+        steps=settings.steps if settings.steps is not None else saved.get("num_inference_steps"),
+        guidance=settings.guidance if settings.guidance is not None else saved.get("guidance_scale"),
+        noise_samples=settings.noise_samples if settings.noise_samples is not None else saved.get("num_noise_samples"),
+        scheduler=settings.scheduler or saved.get("text_scheduler"),
     )
 
 
@@ -388,6 +389,36 @@ def applicable(model_dir: Union[str, Path]) -> Dict[str, Any]:
             "discriminates": discriminates, "classifier": "diffdis" if discriminates else "diffusion_classifier"}
 
 
+def _generation_parts(model_dir, options: EvaluationOptions, parts: Sequence[str], device: str, accelerator) -> Dict[str, Any]:
+    """FID and prompt adherence of the model's text-to-image pipeline (with the reference classifier)."""
+    from ..pipelines.text_to_image import load_pipeline
+
+    sizes = options.sizes
+    try:
+        pipe = load_pipeline(model_dir, options.sampling.scheduler, device, "float32")
+    except (ValueError, OSError) as err:
+        raise EvaluationError(str(err).splitlines()[0]) from None
+    height, _ = pipe.default_size()
+    timings: Dict[str, float] = {}
+    classifier = None
+    if ("fid" in parts and options.extractor == "reference") or ("adherence" in parts and sizes.adherence_per_combo > 0):
+        t = time.perf_counter()
+        classifier = load_or_train_reference_classifier(resolution=REFERENCE_RESOLUTION, steps=options.reference_steps)
+        timings["reference_classifier"] = time.perf_counter() - t
+    fid_set, extractor = None, None
+    if "fid" in parts and sizes.fid_images > 0:
+        fid_set = load_fid_reference(options.fid_reference, sizes.fid_images, height)
+        extractor = _extractor(options, classifier)
+    quality = generation_quality(
+        pipe, options.sampling, classifier=classifier,
+        adherence_per_combo=sizes.adherence_per_combo if "adherence" in parts else 0,
+        fid_reference=fid_set, extractor=extractor, stats_cache=default_cache_dir() / "fid_stats",
+        accelerator=accelerator, progress=options.progress,
+    )
+    return {"fid": quality["fid"], "adherence": quality["adherence"], "grid": quality["grid"],
+            "metrics": dict(quality["metrics"]), "timings_s": {**timings, **quality["timings_s"]}}
+
+
 def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOptions] = None, accelerator=None) -> Dict[str, Any]:
     """Evaluate a trained model folder: FID, prompt adherence, zero-shot accuracy on every embedded task, retrieval.
 
@@ -405,8 +436,6 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
     """
     from dataclasses import asdict
 
-    from ..pipelines.text_to_image import load_pipeline
-
     options = options or EvaluationOptions()
     unknown = [p for p in options.parts if p not in PARTS]
     if unknown:
@@ -419,32 +448,9 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
         parts = [p for p in parts if p != "retrieval"]
     default = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     device = options.device or str(default)
-    try:
-        pipe = load_pipeline(model_dir, options.sampling.scheduler, device, "float32")
-    except (ValueError, OSError) as err:
-        raise EvaluationError(str(err).splitlines()[0]) from None
-    height, _ = pipe.default_size()
     out: Dict[str, Any] = {"metrics": {}, "fid": None, "adherence": None, "zeroshot": {}, "grid": None, "timings_s": {}}
-    classifier = None
-    if ("fid" in parts and options.extractor == "reference") or ("adherence" in parts and sizes.adherence_per_combo > 0):
-        t = time.perf_counter()
-        classifier = load_or_train_reference_classifier(resolution=REFERENCE_RESOLUTION, steps=options.reference_steps)
-        out["timings_s"]["reference_classifier"] = time.perf_counter() - t
-    fid_set, extractor = None, None
-    if "fid" in parts and sizes.fid_images > 0:
-        fid_set = load_fid_reference(options.fid_reference, sizes.fid_images, height)
-        extractor = _extractor(options, classifier)
-    quality = generation_quality(
-        pipe, options.sampling, classifier=classifier,
-        adherence_per_combo=sizes.adherence_per_combo if "adherence" in parts else 0,
-        fid_reference=fid_set, extractor=extractor, stats_cache=default_cache_dir() / "fid_stats",
-        accelerator=accelerator, progress=options.progress,
-    )
-    for key in ("fid", "adherence", "grid"):
-        out[key] = quality[key]
-    out["metrics"].update(quality["metrics"])
-    out["timings_s"].update(quality["timings_s"])
-    del pipe, quality
+    if "fid" in parts or "adherence" in parts:
+        out.update(_generation_parts(model_dir, options, parts, device, accelerator))
     if "zeroshot" in parts or "retrieval" in parts:
         t = time.perf_counter()
         out["zeroshot"] = _zero_shot_parts(model_dir, options, parts, options.device or default, accelerator)

@@ -37,6 +37,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     #: "text_query" (the discrimination stream denoises a text query) or "diffusion_classifier" (Li et al. 2023)
     zero_shot: ClassVar[str] = "text_query"
+    #: what ``forward`` takes as ``latents``: "latents" (the UNet's input space) or "pixels" (images in [-1, 1])
+    input_space: ClassVar[str] = "latents"
 
     @classmethod
     def from_config(cls, cfg, components) -> "Method":
@@ -74,6 +76,37 @@ class Method(nn.Module):
     def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
                 generator: torch.Generator, gather: bool = True, step=None) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ training set-up (dual-stream UNet methods)
+    def param_groups(self, cfg) -> List[dict]:
+        """AdamW parameter groups: the UNet's pretrained (or tiny) weights at ``train.learning_rate``, the new text
+        stream at ``train.learning_rate_new`` and the text encoder at ``train.learning_rate_text_encoder`` (unset:
+        ``learning_rate``); only trainable parameters, empty groups left out."""
+        t = cfg.train
+        new_ids = {id(p) for p in self.unet.new_parameters()}
+        groups = [
+            {"params": [p for p in self.unet.parameters() if id(p) not in new_ids and p.requires_grad], "lr": t.learning_rate},
+            {"params": [p for p in self.unet.new_parameters() if p.requires_grad], "lr": t.learning_rate_new or t.learning_rate},
+            {"params": [p for p in self.text_encoder.parameters() if p.requires_grad],
+             "lr": t.learning_rate_text_encoder or t.learning_rate},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def checkpoint_modules(self) -> Dict[str, nn.Module]:
+        """The modules a checkpoint saves, each as a ``save_pretrained`` folder named by its key."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def configure_speed(self, cfg) -> None:
+        """xformers attention (CUDA, where installed and ``model.enable_xformers``) and gradient checkpointing."""
+        if cfg.model.enable_xformers and torch.cuda.is_available():
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is not None:
+                self.unet.unet.enable_xformers_memory_efficient_attention()
+        if cfg.model.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if cfg.model.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
 
     # ------------------------------------------------------------------ inference (dual-stream UNet methods)
     def text_to_image_pipeline(self, components, scheduler=None):

@@ -14,6 +14,7 @@ Nothing at inference reads the training config (``diffdis_config.yaml`` is a rec
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,14 +187,7 @@ class DiffDisZeroShotPipeline(CustomComponentsPipeline):
 
     def preprocess(self, images: Union[torch.Tensor, Image.Image, Sequence[Image.Image]]) -> torch.Tensor:
         """PIL images (resized to :attr:`resolution`, RGB) or a (B, 3, R, R) tensor in [-1, 1] -> pixel values."""
-        if isinstance(images, torch.Tensor):
-            return images
-        if isinstance(images, Image.Image):
-            images = [images]
-        side = self.resolution
-        arrays = [np.asarray(im.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float32) for im in images]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, R, R) in [0, 255]
-        return pixels / 127.5 - 1.0
+        return images if isinstance(images, torch.Tensor) else pil_to_pixels(images, self.resolution)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -230,19 +224,44 @@ class DiffDisZeroShotPipeline(CustomComponentsPipeline):
         self.save_config(folder)
 
 
+def pil_to_pixels(images: Union[Image.Image, Sequence[Image.Image]], side: int) -> torch.Tensor:
+    """PIL images -> pixel values (B, 3, side, side) in [-1, 1] (RGB, bicubic resize)."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    arrays = [np.asarray(im.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float32) for im in images]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, R, R) in [0, 255]
+    return pixels / 127.5 - 1.0
+
+
+def _pipeline_classes() -> dict:
+    from .clip_pipeline import ClipZeroShotPipeline
+
+    return {cls.__name__: cls for cls in (DiffDisZeroShotPipeline, ClipZeroShotPipeline)}
+
+
 def load_zero_shot_pipeline(folder: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                            dtype: torch.dtype = torch.float32) -> DiffDisZeroShotPipeline:
-    """Load the zero-shot pipeline of a model folder, in eval mode on ``device``.
+                            dtype: torch.dtype = torch.float32):
+    """Load the zero-shot pipeline of a model folder (the class its ``zeroshot_index.json`` names: the DiffDis
+    pipeline, or the CLIP one of ``method=clip``), in eval mode on ``device``.
 
     Raises:
-        ZeroShotModelError: the folder is not a DiffDis model or has no ``zeroshot_index.json``.
+        ZeroShotModelError: the folder is not a model folder or has no ``zeroshot_index.json``.
     """
     folder = Path(folder)
-    check_dual_stream_folder(folder)
-    if not (folder / INDEX_NAME).is_file():
+    index = read_zero_shot_index(folder)
+    if not index:
+        if not folder.is_dir():
+            raise ZeroShotModelError(f"model folder '{folder}' does not exist")
+        check_dual_stream_folder(folder)
         raise ZeroShotModelError(f"'{folder}' has no {INDEX_NAME}: it was written by a diffdis "
                                  "from before zero-shot pipelines were saved; train it again to write one")
-    pipe = DiffDisZeroShotPipeline.from_pretrained(folder, dtype=dtype)
+    classes = _pipeline_classes()
+    cls = classes.get(index.get("_class_name"))
+    if cls is None:
+        raise ZeroShotModelError(f"{folder / INDEX_NAME} names {index.get('_class_name')!r}, not one of {sorted(classes)}")
+    if cls is DiffDisZeroShotPipeline:
+        check_dual_stream_folder(folder)
+    pipe = cls.from_pretrained(folder, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -250,5 +269,4 @@ def load_zero_shot_pipeline(folder: Union[str, os.PathLike], device: Union[str, 
 def read_zero_shot_index(folder: Union[str, os.PathLike]) -> dict:
     """The saved zero-shot config of a model folder (no weights loaded); {} when it has none."""
     path = Path(folder) / INDEX_NAME
-    return dict(DiffDisZeroShotPipeline.load_config(str(folder))) if path.is_file() else {}
-
+    return json.loads(path.read_text()) if path.is_file() else {}

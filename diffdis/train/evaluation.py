@@ -153,7 +153,8 @@ class TrainingEvaluator:
         metrics: Dict[str, float] = {}
         grid = None
         # fixed per-image generators drive all sampling; fork_rng keeps the training RNG untouched regardless
-        devices = [method.unet.device] if method.unet.device.type == "cuda" else []
+        device = next(method.parameters()).device
+        devices = [device] if device.type == "cuda" else []
         with eval_mode([method, components.vae]), torch.random.fork_rng(devices=devices), autocast:
             if self.adherence_per_combo > 0:
                 adherence, grid = self._adherence(accelerator, method, components)

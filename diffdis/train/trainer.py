@@ -63,17 +63,7 @@ def _configure_speed(cfg, module: methods.Method) -> None:
     if torch.cuda.is_available() and cfg.train.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.model.enable_xformers and torch.cuda.is_available():
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            module.unet.unet.enable_xformers_memory_efficient_attention()
-    if cfg.model.gradient_checkpointing:
-        module.unet.enable_gradient_checkpointing()
-        if cfg.model.train_text_encoder:
-            module.text_encoder.gradient_checkpointing_enable()
+    module.configure_speed(cfg)
 
 
 def open_latent_cache(cfg, vae):
@@ -132,7 +122,8 @@ def validation_losses(accelerator, module, vae, batches, empty_ids, seed: int) -
     for i, batch in enumerate(batches):
         if i % accelerator.num_processes != accelerator.process_index:
             continue
-        latents = _to_latents(vae, batch["pixel_values"].to(accelerator.device), gen)
+        pixels = batch["pixel_values"].to(accelerator.device)
+        latents = pixels if model.input_space == "pixels" else _to_latents(vae, pixels, gen)
         with accelerator.autocast():
             out = model(latents, batch["input_ids"].to(accelerator.device), empty_ids, gen, gather=False)
         sums += torch.stack([out[k].float() for k in keys] + [torch.ones((), device=accelerator.device)])
@@ -280,7 +271,7 @@ def setup(cfg) -> Run:
         loader = DataLoader(
             examples, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers
         )
-    optimizer = build_optimizer(cfg, module.unet, module.text_encoder)
+    optimizer = build_optimizer(cfg, module)
     lr_scheduler = get_scheduler(
         t.lr_scheduler,
         optimizer,
@@ -399,7 +390,9 @@ def train_step(run: Run, batch: dict) -> Dict[str, torch.Tensor]:
     accelerator, t = run.accelerator, run.cfg.train
     run.replaced.value += int(batch.get("num_replaced", 0))
     with accelerator.accumulate(run.module):
-        latents = batch_latents(batch, run.components.vae, run.generator, accelerator.device)
+        pixels = methods.get(run.cfg.method).input_space == "pixels"
+        latents = batch["pixel_values"].to(accelerator.device) if pixels else batch_latents(
+            batch, run.components.vae, run.generator, accelerator.device)  # (B, C, h, w)
         captions = choose_captions(batch["caption_options"], run.generator)
         input_ids = tokenize(run.components.tokenizer, captions).to(accelerator.device)
         losses = run.module(latents, input_ids, run.empty_ids, run.generator, step=run.global_step)
