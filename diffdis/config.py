@@ -105,10 +105,10 @@ class LossConfig:
     lambda_ita: float = 1.0  # 0 trains generation only
     min_snr_gamma: Optional[float] = 5.0  # Min-SNR weighting of L_IG; None disables it
     noise_offset: float = 0.0
-    text_scale: float = 1.0  # gamma in e_t = gamma*sqrt(a_t)*e_0 + sqrt(1-a_t)*eps
+    text_scale: float = 1.0  # gamma in e_t = gamma*sqrt(a_t)*e_0 + sqrt(1-a_t)*eps (e_0 is unit-norm in d_e dimensions: sqrt(d_e) matches the noise's norm)
     p_uncond: float = 0.1  # image-condition dropout in the discrimination pass
     p_uncond_text: float = 0.1  # caption dropout in the generation pass
-    logit_scale_init: float = 14.285714  # 1/0.07
+    logit_scale_init: float = 14.285714  # 1/0.07: L_ITA's initial logit scale (a new text stream's; a resumed run keeps its own)
     logit_scale_max: float = 100.0
     timestep_sampling: str = "uniform"  # image-stream t: "uniform" or "logit_normal" (t/T = sigmoid(N(timestep_mean, timestep_std)), SD3)
     timestep_mean: float = 0.0  # logit_normal only: > 0 trains noisier timesteps more often
@@ -255,8 +255,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.name is required: 'embedded', a hub dataset id, a local folder, or 'webdataset'")
     if cfg.train.max_steps < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.max_steps and train.batch_size must be at least 1")
-    if not 0.0 < cfg.loss.text_scale <= 1.0:
-        raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be in (0, 1]")
+    if not cfg.loss.text_scale > 0.0:
+        raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be > 0")
+    if not cfg.loss.logit_scale_init > 0.0:
+        raise ConfigError(f"loss.logit_scale_init={cfg.loss.logit_scale_init} must be > 0")
     if not 0.0 < cfg.loss.ita_fraction <= 1.0:
         raise ConfigError(f"loss.ita_fraction={cfg.loss.ita_fraction} must be in (0, 1]")
     if not 0.0 < cfg.loss.ig_fraction <= 1.0:
