@@ -69,6 +69,15 @@ class ClipConfig:
 
 
 @dataclass
+class RlegConfig:
+    """``method=rleg``: CLIP training whose batches gain generated text embeddings as extra positives."""
+
+    generator: Optional[str] = None  # a trained diffdis model folder: its discrimination stream generates a text embedding per image (frozen); its text tower and tokenizer start the CLIP text tower
+    weight: float = 0.5  # weight of the contrastive term between images and their generated embeddings
+    steps: Optional[int] = None  # K of the generation (None: the generator's saved value)
+
+
+@dataclass
 class ModelConfig:
     """Which components to build or load, and the shape of the discrimination stream."""
 
@@ -78,7 +87,8 @@ class ModelConfig:
     patch_size: int = 1  # tiny pixel-space models: p > 1 folds p x p pixel patches into channels (the UNet sees 3*p*p channels at resolution/p)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip only
+    clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip (and the CLIP model of rleg)
+    rleg: RlegConfig = field(default_factory=RlegConfig)  # method=rleg only
     fusion: str = "joint"  # "joint" (paper) or "one_way" (image tokens never see the text token)
     post_mid_layers: int = 1  # M transformer layers after the mid block
     text_prediction_type: str = "sample"  # the text head predicts e0 ("sample", paper) or noise ("epsilon")

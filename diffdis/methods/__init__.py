@@ -2,7 +2,7 @@
 
 >>> import diffdis.methods as m
 >>> m.available()
-['clip', 'diffdis', 'disc_only', 'gen_only']
+['clip', 'diffdis', 'disc_only', 'gen_only', 'rleg']
 
 Adding a method: one module here, one import line below, one config (docs/ADDING_A_METHOD.md).
 """
@@ -12,8 +12,9 @@ from .clip import ClipMethod
 from .diffdis import DiffDisMethod, sample_timesteps
 from .disc_only import DiscOnlyMethod
 from .gen_only import GenOnlyMethod
+from .rleg import RlegMethod
 
-__all__ = ["ClipMethod", "DiffDisMethod", "DiscOnlyMethod", "GenOnlyMethod", "Method", "available", "build", "get", "register",
+__all__ = ["ClipMethod", "DiffDisMethod", "DiscOnlyMethod", "GenOnlyMethod", "Method", "RlegMethod", "available", "build", "get", "register",
            "sample_timesteps"]
 
 
