@@ -46,6 +46,7 @@ setup(
             "diffdis-evaluate=diffdis.cli.evaluate:main",
             "diffdis-demo=diffdis.cli.demo:main",
             "diffdis-cache=diffdis.cli.cache:main",
+            "diffdis-compare=diffdis.cli.compare:main",
         ],
     },
 )

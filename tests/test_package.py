@@ -33,7 +33,7 @@ def test_pipelines_import_prints_nothing():
 
 
 # ---------------------------------------------------------------------------- packaging
-COMMANDS = ("train", "sample", "zeroshot", "evaluate", "demo", "cache")  # installed as diffdis-<name>
+COMMANDS = ("train", "sample", "zeroshot", "evaluate", "demo", "cache", "compare")  # installed as diffdis-<name>
 
 
 @pytest.fixture(scope="module")

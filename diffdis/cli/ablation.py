@@ -7,17 +7,17 @@
 
 For every seed, trains the configured model twice (``loss.lambda_ita`` as configured, and 0), each
 for exactly ``train.max_steps`` steps (no time budget: both arms see the same number of batches),
-then scores both with the evaluation's (``diffdis.cli.evaluate``) FID, prompt adherence and zero-shot accuracy.
-Writes ``ablation.json`` (every run, and mean ± sample std per arm) and ``ablation.md``. A finished
-run is reused when the command is repeated (delete its folder to redo it).
+then scores both with the evaluation API (``evaluate_model``, options as ``diffdis-evaluate``'s): FID, prompt
+adherence and zero-shot accuracy. Writes ``ablation.json`` (every run, and mean ± sample std per arm) and
+``ablation.md``. A finished run is reused when the command is repeated (delete its folder to redo it); a run that
+fails is reported and the others go on (exit status 1). The loop is the comparison's
+(:mod:`diffdis.experiments.compare`, two arms); ``tools/compare.py`` compares any methods or variants.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,38 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(cmd: List[str], log: Path) -> None:
-    """Run a command, its output to ``log``; raise with the log's tail if it fails."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as fh:
-        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env()).returncode
-    if code:
-        tail = "\n".join(log.read_text().splitlines()[-5:])
-        raise RuntimeError(f"{cmd[2]} failed ({code}), see {log}:\n{tail}")
-
-
-def train_and_evaluate(run_dir: Path, overrides: Sequence[str], config: Optional[str], eval_args: str) -> Dict:
-    """One arm for one seed: train (skipped when the model exists), evaluate, return metrics.json's metrics."""
-    if not (run_dir / "model" / "model_index.json").is_file():
-        cmd = module_command("train") + (["--config", config] if config else [])
-        _run(cmd + [f"train.output_dir={run_dir}", "train.max_minutes=null", *overrides], run_dir / "train.log")
-    metrics_path = run_dir / "eval" / "metrics.json"
-    if not metrics_path.is_file():
-        cmd = module_command("evaluate") + [str(run_dir / "model"), "--out", str(run_dir / "eval")]
-        _run(cmd + eval_args.split(), run_dir / "eval.log")
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    return {**json.loads(metrics_path.read_text())["metrics"], "steps": summary["global_step"]}
-
-
 def aggregate(runs: List[Dict]) -> Dict[str, Dict[str, float]]:
     """Mean and sample standard deviation (0 for one run) of every headline metric over seeds."""
-    out = {}
-    for key in HEADLINE:
-        values = [r[key] for r in runs if key in r]
-        if values:
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            out[key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
-    return out
+    from diffdis.experiments import mean_std
+
+    values = {key: [r[key] for r in runs if key in r] for key in HEADLINE}
+    return {key: mean_std(v) for key, v in values.items() if v}
 
 
 def table(arms: Dict[str, Dict[str, Dict[str, float]]]) -> List[str]:
@@ -103,9 +77,33 @@ def summarise(arms: Dict[str, Dict[str, Dict[str, float]]], names: Sequence[str]
     return " ".join(parts)
 
 
+def run_arms(args: argparse.Namespace, arms: Dict[str, float]) -> Dict[str, List[Dict]]:
+    """Train and evaluate both arms for every seed (:func:`diffdis.experiments.run_all`); per arm, one
+    ``{"seed", <metrics>, "steps"}`` per run. Raises ``RuntimeError`` naming the failed runs, ``CompareError`` and
+    ``EvaluationError`` on bad input."""
+    from diffdis.cli.options import parse_evaluation_args
+    from diffdis.experiments import Arm, CompareSettings, run_all, validate_arms
+
+    arm_list = [Arm(name, (f"loss.lambda_ita={value}",), folder=f"lambda{value:g}") for name, value in arms.items()]
+    base = ("train.max_minutes=null",)
+    validate_arms(arm_list, args.config, [*base, *args.overrides])
+    settings = CompareSettings(arms=arm_list, train_command=module_command("train"), seeds=args.seeds, config=args.config,
+                               overrides=list(args.overrides), base_overrides=base,
+                               evaluation=parse_evaluation_args(args.eval_args), run_folder="{arm}_seed{seed}",
+                               env=child_env())
+    records = run_all(settings, Path(args.out), log=lambda line: print(line, flush=True))
+    failed = [f"{r['arm']}, seed {r['seed']}: {r['error']}" for r in records if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    return {name: [{"seed": r["seed"], **r["metrics"], "steps": r["steps"]} for r in records if r["arm"] == name]
+            for name in arms}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; 0 on success, 1 when a run fails, 2 on bad input."""
     from diffdis.config import ConfigError, load_config
+    from diffdis.eval.api import EvaluationError
+    from diffdis.experiments import CompareError
 
     args = build_parser().parse_args(argv)
     # `--seeds 0 1 key=value` : the option swallows the overrides that follow it
@@ -124,20 +122,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if lam <= 0:
         print("error: the DiffDis arm needs λ > 0 (--lambda-ita or loss.lambda_ita)", file=sys.stderr)
         return 2
-    out = Path(args.out)
     arms = {f"DiffDis (λ={lam:g})": lam, "generation only (λ=0)": 0.0}
-    runs: Dict[str, List[Dict]] = {name: [] for name in arms}
     start = time.perf_counter()
     try:
-        for seed in args.seeds:
-            for name, value in arms.items():
-                run_dir = out / f"lambda{value:g}_seed{seed}"
-                print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {name}, seed {seed} -> {run_dir}", flush=True)
-                overrides = [*args.overrides, f"loss.lambda_ita={value}", f"train.seed={seed}"]
-                runs[name].append({"seed": seed, **train_and_evaluate(run_dir, overrides, args.config, args.eval_args)})
+        runs = run_arms(args, arms)
+    except (CompareError, EvaluationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    out = Path(args.out)
     stats = {name: aggregate(r) for name, r in runs.items()}
     result = {
         "command": "python tools/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),

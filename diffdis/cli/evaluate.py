@@ -30,17 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from diffdis.cli.options import add_zero_shot_options, zero_shot_settings
-from diffdis.eval.api import (
-    PARTS,
-    PRESETS,
-    EvaluationError,
-    EvaluationOptions,
-    SamplingSettings,
-    evaluate_model,
-    preset_sizes,
-    report,
-)
+from diffdis.cli.options import add_evaluation_options, check_evaluation_args, evaluation_options
+from diffdis.eval.api import EvaluationError, evaluate_model, report
 from diffdis.eval.report import report_table
 from diffdis.eval.zeroshot import TemplateError
 from diffdis.pipelines.zeroshot import ZeroShotModelError
@@ -52,31 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", help="a trained model folder (<output_dir>/model)")
     p.add_argument("--out", default=None, help="report folder (default: <model_dir>/../eval)")
-    p.add_argument("--quick", action="store_true", help="smaller sets (same as --preset quick)")
-    p.add_argument("--preset", default="full", choices=tuple(PRESETS),
-                   help="set sizes: full (1000 FID images, 4 per adherence combination, 1000 zero-shot, 500 retrieval),"
-                   " quick (500, 2, 600, 200), coco30k (30,000 FID images, Inception; needs --fid-reference)")
-    p.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
-    p.add_argument("--fid-images", type=int, default=None, help="generated (and real) images for FID")
-    p.add_argument("--adherence-per-combo", type=int, default=None, help="images per shape x colour prompt")
-    p.add_argument("--zeroshot-samples", type=int, default=None, help="test images for zero-shot accuracy")
-    p.add_argument("--retrieval-samples", type=int, default=None, help="validation images for retrieval")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default: 3)")
-    p.add_argument("--scheduler", default="ddim", help="sampling scheduler (default: ddim)")
-    p.add_argument("--seed", type=int, default=0, help="seed of generation and zero-shot noise (default: 0)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--extractor", default="reference", choices=("reference", "inception"),
-                   help="FID feature space (default: reference, the embedded reference classifier)")
-    p.add_argument("--inception-weights", default=None, help="local Inception weights file for --extractor inception")
-    p.add_argument("--fid-reference", default=None,
-                   help="imagefolder with metadata.jsonl (file_name, text) as FID reference (default: embedded test)")
-    p.add_argument("--reference-steps", type=int, default=800,
-                   help="training steps of the reference classifier when it is not cached yet (default: 800)")
     p.add_argument("--ablation", default=None, help="ablation.json from tools/ablation.py to include in the report")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: the accelerator's device)")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
-    add_zero_shot_options(p, prefix="zs-")
+    add_evaluation_options(p)
     return p
 
 
@@ -86,39 +54,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise EvaluationError(f"model folder '{args.model_dir}' does not exist")
     if args.ablation and not Path(args.ablation).is_file():
         raise EvaluationError(f"ablation file '{args.ablation}' does not exist")
-    if args.preset == "coco30k" and not args.fid_reference:
-        raise EvaluationError("--preset coco30k needs --fid-reference DIR (captions and images of the reference set)")
-    if args.preset == "coco30k":
-        args.extractor = "inception"
-    if args.extractor == "inception" and "fid" not in args.skip:
-        if not args.inception_weights:
-            raise EvaluationError("--extractor inception needs --inception-weights FILE (nothing can be downloaded)")
-        if not Path(args.inception_weights).expanduser().is_file():
-            raise EvaluationError(f"Inception weights not found at {args.inception_weights}; put the"
-                                  " pt_inception-2015-12-05 weights file there (torch-fidelity releases)")
-
-
-def options_from_args(args: argparse.Namespace) -> EvaluationOptions:
-    """The library's evaluation options for these arguments.
-
-    Raises:
-        ValueError: a zero-shot count below 1.
-    """
-    sizes = preset_sizes("quick" if args.quick else args.preset, fid_images=args.fid_images,
-                         adherence_per_combo=args.adherence_per_combo, zeroshot_samples=args.zeroshot_samples,
-                         retrieval_samples=args.retrieval_samples)
-    return EvaluationOptions(
-        sizes=sizes,
-        parts=tuple(p for p in PARTS if p not in args.skip),
-        sampling=SamplingSettings(args.steps, args.guidance, args.scheduler, args.seed, args.batch_size),
-        zeroshot=zero_shot_settings(args, "zs-", seed=args.seed, batch_size=args.batch_size),
-        extractor=args.extractor,
-        inception_weights=args.inception_weights,
-        fid_reference=args.fid_reference,
-        reference_steps=args.reference_steps,
-        device=args.device,
-        progress=args.progress,
-    )
+    check_evaluation_args(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -134,10 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             diffusers.utils.logging.disable_progress_bar()
             transformers.utils.logging.disable_progress_bar()
-        try:
-            options = options_from_args(args)
-        except ValueError as err:
-            raise EvaluationError(str(err)) from None
+        options = evaluation_options(args)
         accelerator = new_accelerator(cpu=(args.device == "cpu") or not torch.cuda.is_available())
         result = evaluate_model(args.model_dir, options, accelerator)
     except (EvaluationError, ZeroShotModelError, TemplateError) as err:

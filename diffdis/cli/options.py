@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
+from typing import NoReturn
 
-from diffdis.eval.api import METHODS, ZeroShotSettings
+from diffdis.eval.api import (
+    METHODS,
+    PARTS,
+    PRESETS,
+    EvaluationError,
+    EvaluationOptions,
+    SamplingSettings,
+    ZeroShotSettings,
+    preset_sizes,
+)
 from diffdis.eval.zeroshot import ENSEMBLES
 from diffdis.pipelines.zeroshot import TEXT_SCHEDULERS
 
@@ -50,3 +62,96 @@ def zero_shot_settings(args: argparse.Namespace, prefix: str = "", seed: int = 0
     return ZeroShotSettings(method=get("method"), steps=get("steps"), guidance=get("guidance"),
                             noise_samples=get("noise_samples"), scheduler=get("scheduler"), ensemble=args.ensemble,
                             dc_timesteps=args.dc_timesteps, seed=seed, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------- evaluation of a model folder
+def add_evaluation_options(p: argparse.ArgumentParser) -> None:
+    """The options of :func:`diffdis.eval.api.evaluate_model` (set sizes, parts, sampling, FID features, zero-shot):
+    ``diffdis-evaluate``'s, and the ``--eval-args`` of the ablation and comparison commands."""
+    p.add_argument("--quick", action="store_true", help="smaller sets (same as --preset quick)")
+    p.add_argument("--preset", default="full", choices=tuple(PRESETS),
+                   help="set sizes: full (1000 FID images, 4 per adherence combination, 1000 zero-shot, 500 retrieval),"
+                   " quick (500, 2, 600, 200), coco30k (30,000 FID images, Inception; needs --fid-reference)")
+    p.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
+    p.add_argument("--fid-images", type=int, default=None, help="generated (and real) images for FID")
+    p.add_argument("--adherence-per-combo", type=int, default=None, help="images per shape x colour prompt")
+    p.add_argument("--zeroshot-samples", type=int, default=None, help="test images for zero-shot accuracy")
+    p.add_argument("--retrieval-samples", type=int, default=None, help="validation images for retrieval")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default: 3)")
+    p.add_argument("--scheduler", default="ddim", help="sampling scheduler (default: ddim)")
+    p.add_argument("--seed", type=int, default=0, help="seed of generation and zero-shot noise (default: 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--extractor", default="reference", choices=("reference", "inception"),
+                   help="FID feature space (default: reference, the embedded reference classifier)")
+    p.add_argument("--inception-weights", default=None, help="local Inception weights file for --extractor inception")
+    p.add_argument("--fid-reference", default=None,
+                   help="imagefolder with metadata.jsonl (file_name, text) as FID reference (default: embedded test)")
+    p.add_argument("--reference-steps", type=int, default=800,
+                   help="training steps of the reference classifier when it is not cached yet (default: 800)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the accelerator's device)")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    add_zero_shot_options(p, prefix="zs-")
+
+
+def check_evaluation_args(args: argparse.Namespace) -> None:
+    """Raise :class:`EvaluationError` for contradicting options and missing files, before anything loads
+    (``--preset coco30k`` implies ``--extractor inception``)."""
+    if args.preset == "coco30k" and not args.fid_reference:
+        raise EvaluationError("--preset coco30k needs --fid-reference DIR (captions and images of the reference set)")
+    if args.preset == "coco30k":
+        args.extractor = "inception"
+    if args.extractor == "inception" and "fid" not in args.skip:
+        if not args.inception_weights:
+            raise EvaluationError("--extractor inception needs --inception-weights FILE (nothing can be downloaded)")
+        if not Path(args.inception_weights).expanduser().is_file():
+            raise EvaluationError(f"Inception weights not found at {args.inception_weights}; put the"
+                                  " pt_inception-2015-12-05 weights file there (torch-fidelity releases)")
+
+
+def evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
+    """The library's evaluation options for options added by :func:`add_evaluation_options`.
+
+    Raises:
+        EvaluationError: a bad set size or zero-shot count.
+    """
+    try:
+        sizes = preset_sizes("quick" if args.quick else args.preset, fid_images=args.fid_images,
+                             adherence_per_combo=args.adherence_per_combo, zeroshot_samples=args.zeroshot_samples,
+                             retrieval_samples=args.retrieval_samples)
+        zeroshot = zero_shot_settings(args, "zs-", seed=args.seed, batch_size=args.batch_size)
+    except ValueError as err:  # EvaluationError is a ValueError too
+        raise EvaluationError(str(err)) from None
+    return EvaluationOptions(
+        sizes=sizes,
+        parts=tuple(p for p in PARTS if p not in args.skip),
+        sampling=SamplingSettings(args.steps, args.guidance, args.scheduler, args.seed, args.batch_size),
+        zeroshot=zeroshot,
+        extractor=args.extractor,
+        inception_weights=args.inception_weights,
+        fid_reference=args.fid_reference,
+        reference_steps=args.reference_steps,
+        device=args.device,
+        progress=args.progress,
+    )
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """An argument parser whose errors raise :class:`EvaluationError` instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise EvaluationError(f"--eval-args: {message}")
+
+
+def parse_evaluation_args(text: str) -> EvaluationOptions:
+    """The evaluation options of a ``diffdis-evaluate`` argument string (without the model folder), e.g.
+    ``"--quick --skip retrieval"``.
+
+    Raises:
+        EvaluationError: an unknown or bad option.
+    """
+    parser = _RaisingParser(prog="--eval-args", add_help=False)
+    add_evaluation_options(parser)
+    args = parser.parse_args(shlex.split(text))
+    check_evaluation_args(args)
+    return evaluation_options(args)

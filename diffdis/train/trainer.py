@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +228,8 @@ class Run:
     val_batches: List[dict] = field(default_factory=list)
     evaluator: Optional[TrainingEvaluator] = None
     global_step: int = 0
+    loop_seconds: float = 0.0  # wall-clock of this process's training loop (this session: not before a resume)
+    loop_steps: int = 0  # optimiser steps that loop ran
 
 
 def train(cfg) -> Path:
@@ -383,6 +387,7 @@ def loop(run: Run) -> None:
             if _after_step(run, latest, clock, progress):
                 break
     progress.close()
+    run.loop_seconds, run.loop_steps = time.perf_counter() - clock["start"], clock["steps_run"]
 
 
 def train_step(run: Run, batch: dict) -> Dict[str, torch.Tensor]:
@@ -470,6 +475,7 @@ def finish(run: Run) -> Path:
     checksum = torch.stack([p.detach().double().sum() for p in final.parameters()]).sum()
     checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
     replaced = [int(v) for v in accelerator.gather(torch.tensor([run.replaced.value], device=accelerator.device)).tolist()]
+    cost = resource_summary(run, final)
     model_dir = run.out / "model"
     if accelerator.is_main_process:
         export_model(run.components, final, run.cfg, model_dir, run.ema)
@@ -483,11 +489,37 @@ def finish(run: Run) -> Path:
             "num_skipped_examples": sum(replaced),  # unusable examples met, each replaced by a usable one
             "num_skipped_examples_per_process": replaced,
             "metrics": run.history.summary(),
+            **cost,
         }
         (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     _shut_down(run, final)
     return model_dir
+
+
+def resource_summary(run: Run, final: torch.nn.Module) -> Dict[str, Any]:
+    """What the run cost: parameters, time per step and peak memory (the largest of every process's); collective.
+
+    ``ms_per_step`` is the training loop's wall-clock (with its logging, validation and evaluation) divided by the
+    steps it ran; ``peak_rss_mb`` the process's maximum resident set size; ``peak_cuda_memory_mb``
+    ``torch.cuda.max_memory_allocated`` (None off CUDA).
+    """
+    accelerator = run.accelerator
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # MiB
+    cuda = accelerator.device.type == "cuda"
+    peaks = torch.tensor([rss, torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if cuda else 0.0],
+                         dtype=torch.float64, device=accelerator.device)
+    peaks = accelerator.gather(peaks.reshape(1, 2)).reshape(-1, 2).max(dim=0).values.tolist()
+    return {
+        "trainable_parameters": sum(p.numel() for p in final.parameters() if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in final.parameters()),
+        "train_loop_seconds": run.loop_seconds,
+        "train_loop_steps": run.loop_steps,
+        "ms_per_step": 1000 * run.loop_seconds / run.loop_steps if run.loop_steps else None,
+        "peak_rss_mb": peaks[0],
+        "peak_cuda_memory_mb": peaks[1] if cuda else None,
+        "device": accelerator.device.type,
+    }
 
 
 def _shut_down(run: Run, final: torch.nn.Module) -> None:

@@ -1,0 +1,232 @@
+"""The comparison of training methods over seeds (diffdis.experiments, diffdis.cli.compare, tools/compare.py): arm
+parsing and validation, aggregation, the table and JSON, reuse of finished runs, the cost keys of train_summary.json,
+and one end-to-end run of two arms x two seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from diffdis.cli import compare as cli
+from diffdis.experiments import Arm, CompareError, CompareSettings, aggregate, arms_from_file, parse_arm, split_overrides
+from diffdis.experiments import compare as lib
+from diffdis.experiments.report import table, write_outputs
+
+SMALL_EVAL = ("--fid-images 12 --adherence-per-combo 1 --zeroshot-samples 12 --retrieval-samples 8 --steps 2 "
+              "--zs-steps 2 --batch-size 16 --reference-steps 20 --device cpu")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DIFFDIS_CACHE", str(tmp_path_factory.getbasetemp() / "diffdis_cache"))
+
+
+# ---------------------------------------------------------------------------- arms
+def test_parse_arm():
+    assert parse_arm("gen_only") == Arm("gen_only", ("method=gen_only",))
+    arm = parse_arm("lam0.1:method=diffdis,loss.lambda_ita=0.1,model.unet.block_out_channels=[16,32]")
+    assert arm.name == "lam0.1" and arm.dirname == "lam0.1"
+    assert arm.overrides == ("method=diffdis", "loss.lambda_ita=0.1", "model.unet.block_out_channels=[16,32]")
+    assert split_overrides("a='x,y',b={c: 1, d: 2}") == ["a='x,y'", "b={c: 1, d: 2}"]
+    for bad, message in (("a b", "names a folder"), ("x:method", "not key=value"), ("x:", "not key=value"),
+                         ("../up:method=diffdis", "names a folder")):
+        with pytest.raises(CompareError, match=message):
+            parse_arm(bad)
+
+
+def test_arms_from_file(tmp_path):
+    path = tmp_path / "arms.yaml"
+    path.write_text("arms:\n  diffdis: {method: diffdis}\n  gen_only: [method=gen_only]\n"
+                    "  lam0.1: {method: diffdis, loss: {lambda_ita: 0.1}, model.unet.block_out_channels: [16, 32]}\n")
+    arms = arms_from_file(path)
+    assert [a.name for a in arms] == ["diffdis", "gen_only", "lam0.1"]
+    assert arms[1].overrides == ("method=gen_only",)
+    assert arms[2].overrides == ('method="diffdis"', "loss.lambda_ita=0.1", "model.unet.block_out_channels=[16, 32]")
+    from diffdis.experiments import validate_arms
+
+    configs = validate_arms(arms, None, [])  # the JSON-written values read back as they were
+    assert configs["lam0.1"].loss.lambda_ita == 0.1 and list(configs["lam0.1"].model.unet.block_out_channels) == [16, 32]
+    assert configs["lam0.1"].method == "diffdis" and configs["gen_only"].method == "gen_only"
+    path.write_text("arms: [diffdis]\n")
+    with pytest.raises(CompareError, match="mapping"):
+        arms_from_file(path)
+    with pytest.raises(CompareError, match="does not exist"):
+        arms_from_file(tmp_path / "missing.yaml")
+
+
+def test_default_arms_are_the_registered_methods():
+    from diffdis.experiments import default_arms
+    from diffdis.methods import available
+
+    arms = default_arms()
+    assert [a.name for a in arms] == available() and all(a.overrides == (f"method={a.name}",) for a in arms)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arm", "nope"], "arm 'nope': method='nope' is not one of"),
+    (["--arm", "a:method=diffdis,train.max_stepz=3"], "arm 'a': invalid config key 'train.max_stepz'"),
+    (["--arm", "a:method=diffdis", "--arm", "a:method=gen_only"], "given twice"),
+    (["--arm", "a:train.seed=3"], "set per run"),
+    (["--arm", "diffdis", "train.output_dir=/tmp/x"], "set per run"),
+    (["--arm", "diffdis", "--seeds", "0", "x"], "--seeds takes integers"),
+    (["--arm", "diffdis", "--eval-args=--bogus"], "unrecognized arguments: --bogus"),
+    (["--arm", "diffdis", "--num-processes", "0"], "--num-processes"),
+    (["--arm", "diffdis", "train.max_steps=0"], "max_steps"),
+])
+def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert cli.main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_evaluation_args():
+    from diffdis.cli.options import parse_evaluation_args
+    from diffdis.eval.api import EvaluationError
+
+    options = parse_evaluation_args("--quick --skip retrieval --zs-steps 3")
+    assert options.sizes.fid_images == 500 and "retrieval" not in options.parts and options.zeroshot.steps == 3
+    with pytest.raises(EvaluationError, match="--zs-steps must be >= 1"):
+        parse_evaluation_args("--zs-steps 0")
+
+
+# ---------------------------------------------------------------------------- aggregation and outputs
+def fabricated_runs():
+    """Two diffdis runs, one gen_only run (no retrieval) and a failed gen_only run."""
+    def run(arm, seed, acc, fid, extra=None, status="ok"):
+        metrics = {"shape/acc1": acc, "fid": fid, **(extra or {})}
+        return {"arm": arm, "seed": seed, "status": status, "error": None if status == "ok" else "boom",
+                "metrics": metrics if status == "ok" else {}, "steps": 4,
+                "cost": {"ms_per_step": 10.0 * (seed + 1), "trainable_parameters": 2_000_000, "peak_cuda_memory_mb": None}}
+
+    return [run("diffdis", 0, 0.5, 10.0, {"retrieval/image_retrieval_recall@1": 0.2}),
+            run("diffdis", 1, 0.7, 14.0, {"retrieval/image_retrieval_recall@1": 0.4}),
+            run("gen_only", 0, 0.3, 12.0), run("gen_only", 1, 0.9, 1.0, status="failed")]
+
+
+def test_aggregate_mean_std_n():
+    stats = aggregate(fabricated_runs(), ["diffdis", "gen_only", "disc_only"])
+    d = stats["diffdis"]
+    assert d["shape/acc1"]["mean"] == pytest.approx(0.6) and d["shape/acc1"]["n"] == 2
+    assert d["shape/acc1"]["std"] == pytest.approx(math.sqrt(((0.5 - 0.6) ** 2 + (0.7 - 0.6) ** 2) / 1))  # sample std
+    assert d["fid"] == {"mean": 12.0, "std": pytest.approx(math.sqrt(8.0)), "n": 2}
+    assert d["ms_per_step"]["mean"] == 15.0 and d["steps"]["mean"] == 4.0
+    g = stats["gen_only"]  # the failed run is left out; a single run has std 0
+    assert g["shape/acc1"] == {"mean": 0.3, "std": 0.0, "n": 1}
+    assert "retrieval/image_retrieval_recall@1" not in g and "peak_cuda_memory_mb" not in g
+    assert stats["disc_only"] == {}
+
+
+def test_table_and_json_layout(tmp_path):
+    runs = fabricated_runs()
+    arms = ["diffdis", "gen_only"]
+    result = {"command": "diffdis-compare --seeds 0 1", "commit": "abc", "runs": runs, "failed": 1, "minutes": 0.1,
+              "aggregate": aggregate(runs, arms),
+              "settings": {"seeds": [0, 1], "overrides": ["train.max_steps=4"],
+                           "arms": [{"name": a, "overrides": [f"method={a}"], "folder": a} for a in arms]}}
+    write_outputs(result, tmp_path, arms)
+    lines = table(result["aggregate"], arms)
+    assert lines[0] == ("| arm | zero-shot shape | text→image R@1 | FID ↓ | trainable params (M) | ms / step |")
+    assert lines[2] == "| diffdis | 0.600 ± 0.141 (2) | 0.300 ± 0.141 (2) | 12.00 ± 2.83 (2) | 2.00 ± 0.00 (2) | 15.0 ± 7.1 (2) |"
+    assert lines[3] == "| gen_only | 0.300 ± 0.000 (1) | — | 12.00 ± 0.00 (1) | 2.00 ± 0.00 (1) | 10.0 ± 0.0 (1) |"
+    md = (tmp_path / "compare.md").read_text()
+    assert "\n".join(lines) in md and "gen_only, seed 1: boom" in md and "Commit: `abc`" in md
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert {"command", "commit", "settings", "runs", "aggregate", "columns", "table_md", "failed"} <= set(saved)
+    assert saved["aggregate"]["diffdis"]["shape/acc1"]["n"] == 2 and len(saved["runs"]) == 4
+    assert [c["metric"] for c in saved["columns"]] == ["shape/acc1", "retrieval/image_retrieval_recall@1", "fid",
+                                                       "trainable_parameters", "ms_per_step"]
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------- runs: reuse and failures
+FAIL = [sys.executable, "-c", "import sys; print('error: ValueError: boom'); sys.exit(3)"]
+
+
+def finished_run(settings, out, arm, seed, acc):
+    """A run folder as a finished run leaves it (model index, summary, metrics, run.json)."""
+    folder = lib.run_dir(settings, out, arm, seed)
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "zeroshot_index.json").write_text("{}")
+    (folder / "train_summary.json").write_text(json.dumps({"global_step": 4, "ms_per_step": 12.5, "trainable_parameters": 7}))
+    (folder / "eval").mkdir()
+    (folder / "eval" / "metrics.json").write_text(json.dumps({"metrics": {"shape/acc1": acc}}))
+    (folder / "run.json").write_text(json.dumps(lib._identity(settings, arm, seed, folder)))
+    return folder
+
+
+def test_finished_runs_are_reused_and_a_failure_does_not_stop_the_others(tmp_path):
+    arms = [Arm("done"), Arm("broken")]
+    settings = CompareSettings(arms=arms, train_command=FAIL, seeds=[0], overrides=["train.max_steps=4"])
+    finished_run(settings, tmp_path, arms[0], 0, 0.75)
+    lines = []
+    runs = lib.run_all(settings, tmp_path, log=lines.append)
+    done, broken = runs
+    assert done["status"] == "ok" and not done["trained"] and not done["evaluated"]  # FAIL was never run for it
+    assert done["metrics"] == {"shape/acc1": 0.75} and done["steps"] == 4 and done["cost"]["ms_per_step"] == 12.5
+    assert broken["status"] == "failed" and "exit 3" in broken["error"] and "error: ValueError: boom" in broken["error"]
+    assert (tmp_path / "broken" / "seed0" / "train.log").read_text().startswith("error: ValueError: boom")
+    assert any("failed" in line for line in lines)
+
+
+def test_run_folder_of_other_settings_is_refused(tmp_path):
+    arm = Arm("a", ("method=diffdis",))
+    settings = CompareSettings(arms=[arm], train_command=FAIL, seeds=[0], overrides=["train.max_steps=4"])
+    finished_run(settings, tmp_path, arm, 0, 0.5)
+    lib.check_reusable(settings, tmp_path)
+    other = CompareSettings(arms=[arm], train_command=FAIL, seeds=[0], overrides=["train.max_steps=5"])
+    with pytest.raises(CompareError, match="trained with other arguments"):
+        lib.check_reusable(other, tmp_path)
+
+
+# ---------------------------------------------------------------------------- train_summary.json cost keys
+def test_resource_summary():
+    from diffdis.train.trainer import resource_summary
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))  # 16 + 10 parameters
+    module[1].requires_grad_(False)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t)
+    run = SimpleNamespace(accelerator=accelerator, loop_seconds=2.0, loop_steps=4)
+    cost = resource_summary(run, module)
+    assert cost["trainable_parameters"] == 16 and cost["total_parameters"] == 26
+    assert cost["ms_per_step"] == 500.0 and cost["train_loop_steps"] == 4
+    assert cost["peak_rss_mb"] > 10 and cost["peak_cuda_memory_mb"] is None and cost["device"] == "cpu"
+    assert resource_summary(SimpleNamespace(accelerator=accelerator, loop_seconds=0.0, loop_steps=0), module)["ms_per_step"] is None
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_two_arms_two_seeds_end_to_end(tmp_path, tiny_overrides):
+    out = tmp_path / "cmp"
+    overrides = [o for o in tiny_overrides if not o.startswith("train.report_to")] + ["train.max_steps=2", "train.report_to=none"]
+    argv = ["--out", str(out), "--arm", "diffdis", "--arm", "lam0:method=diffdis,loss.lambda_ita=0", "--seeds", "0", "1",
+            "--eval-args", SMALL_EVAL + " --skip fid", *overrides]
+    assert cli.main(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    rows = {line.split(" | ")[0][2:]: line for line in result["table_md"][2:]}
+    assert set(rows) == {"diffdis", "lam0"}
+    for line in rows.values():  # every cell over both seeds, or "—" where the arm's model is not scored on it
+        cells = line.strip("| ").split(" | ")[1:]
+        assert len(cells) == len(result["columns"]) and all(c.endswith("(2)") or c == "—" for c in cells), line
+    assert "—" not in rows["diffdis"] and rows["lam0"].count("—") == 4  # λ=0 trains no text stream: no retrieval
+    assert result["aggregate"]["lam0"]["shape/acc1"]["n"] == 2 and result["failed"] == 0
+    assert "fid" not in result["aggregate"]["diffdis"] and "adherence/both" in result["aggregate"]["diffdis"]
+    for run in result["runs"]:
+        assert run["status"] == "ok" and run["steps"] == 2 and run["trained"]
+        assert run["cost"]["ms_per_step"] > 0 and run["cost"]["trainable_parameters"] > 0 and run["cost"]["peak_rss_mb"] > 0
+    seeds = {(r["arm"], r["seed"]) for r in result["runs"]}
+    assert seeds == {("diffdis", 0), ("diffdis", 1), ("lam0", 0), ("lam0", 1)}
+    a, b = (json.loads((out / "diffdis" / f"seed{s}" / "train_summary.json").read_text()) for s in (0, 1))
+    assert a["replica_param_checksums"] != b["replica_param_checksums"]  # the seeds really differ
+    assert "| diffdis |" in (out / "compare.md").read_text() and (out / "compare.png").is_file()
+    assert cli.main(argv) == 0  # repeated: every run reused, nothing trained or evaluated again
+    again = json.loads((out / "compare.json").read_text())
+    assert not any(r["trained"] or r["evaluated"] for r in again["runs"])
+    assert again["aggregate"] == result["aggregate"]

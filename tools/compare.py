@@ -1,0 +1,5 @@
+import sys
+
+from diffdis.cli.compare import main
+
+sys.exit(main())
