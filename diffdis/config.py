@@ -217,7 +217,7 @@ class TrainConfig:
 class Config:
     """The whole run."""
 
-    method: str = "diffdis"  # training method (diffdis.methods.available()): "diffdis", "gen_only" (L_IG alone), "disc_only" (L_ITA alone), "clip", "unidiff"
+    method: str = "diffdis"  # training method: "diffdis", "gen_only" (L_IG alone), "disc_only" (L_ITA alone), "clip", "unidiff"
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loss: LossConfig = field(default_factory=LossConfig)
