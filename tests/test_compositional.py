@@ -197,6 +197,8 @@ def test_relation_chance_is_known_and_bag_of_words_scores_it() -> None:
     assert float((bow_logits.argmax(1) == task.labels).float().mean()) <= 0.5  # acc1 capped at 0.5 too
     one_hot = torch.nn.functional.one_hot(task.labels, len(names)).float()  # knows word order
     assert ctasks.relation_pair_accuracy(one_hot, task.labels) == 1.0
+    assert ctasks.task_metrics("relation", one_hot, task.labels) == {"pair_acc": 1.0}
+    assert ctasks.task_metrics("size", one_hot, task.labels) == {}
     random_logits = torch.randn(4000, len(names), generator=torch.Generator().manual_seed(0))
     labels = torch.arange(4000) % len(names)
     assert abs(ctasks.relation_pair_accuracy(random_logits, labels) - 0.5) < 0.03

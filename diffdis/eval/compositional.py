@@ -88,6 +88,11 @@ def relation_pair_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return ((true > other).float() + 0.5 * (true == other).float()).mean().item()
 
 
+def task_metrics(task: str, logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Metrics of a task beyond the standard ones, from its (N, C) logits: ``{"pair_acc"}`` for ``relation``, else {}."""
+    return {"pair_acc": relation_pair_accuracy(logits, labels)} if task == "relation" else {}
+
+
 def task_chance(task: str) -> Dict[str, float]:
     """Chance level of each metric of a task: ``{"acc1": ...}``, plus ``"pair_acc"`` for ``relation``."""
     sizes = {"heldout_colour_shape": len(COLOURS) * len(SHAPES), "seen_colour_shape": len(COLOURS) * len(SHAPES),
