@@ -78,6 +78,21 @@ class RlegConfig:
 
 
 @dataclass
+class OneRConfig:
+    """The single tower of ``method=oner``: one transformer, shared by image patches and text tokens (the run's
+    tokenizer), projecting both to one space (``diffdis.models.single_tower``)."""
+
+    patch_size: int = 4  # image patch side in pixels (data.resolution must be a multiple)
+    hidden_size: int = 64  # width of the shared transformer (a multiple of num_attention_heads)
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256  # MLP width
+    projection_dim: Optional[int] = None  # joint embedding width; None: model.text_encoder.projection_dim
+    logit_scale_init: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
+    logit_scale_max: float = 100.0
+
+
+@dataclass
 class ModelConfig:
     """Which components to build or load, and the shape of the discrimination stream."""
 
@@ -89,6 +104,7 @@ class ModelConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip (and the CLIP model of rleg)
     rleg: RlegConfig = field(default_factory=RlegConfig)  # method=rleg only
+    oner: OneRConfig = field(default_factory=OneRConfig)  # method=oner only
     fusion: str = "joint"  # "joint" (paper) or "one_way" (image tokens never see the text token)
     post_mid_layers: int = 1  # M transformer layers after the mid block
     text_prediction_type: str = "sample"  # the text head predicts e0 ("sample", paper) or noise ("epsilon")

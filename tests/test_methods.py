@@ -18,7 +18,7 @@ from diffdis.train.build import Components
 
 
 def test_registry_lists_the_methods_and_refuses_others():
-    assert methods.available() == ["clip", "diffdis", "disc_only", "gen_only", "rleg"]
+    assert methods.available() == ["clip", "diffdis", "disc_only", "gen_only", "oner", "rleg"]
     assert methods.get("gen_only") is methods.GenOnlyMethod
     with pytest.raises(ValueError, match="not one of"):
         methods.get("unidiff")
