@@ -104,7 +104,7 @@ def _ours_step(cfg, components: Components, latents, input_ids, empty_ids, gener
     text_encoder.requires_grad_(bool(cfg.model.train_text_encoder))
     module = DiffDisMethod(unet, text_encoder, components.noise_scheduler, cfg.loss)
     module.to(latents.device)  # its alphas_cumprod buffer
-    optimizer = build_optimizer(cfg, unet, text_encoder)
+    optimizer = build_optimizer(cfg, module)
     counter = {"step": 0}
 
     def step() -> float:

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from diffdis.eval.zeroshot import diffusion_classifier_logits
+from diffdis.pipelines.zeroshot import diffusion_classifier_logits
 from diffdis.pipelines.zeroshot import TextQuerySampler
 
 from .common import CliError, add_model_arguments, tiny_components
@@ -127,15 +127,16 @@ def run(args, device: torch.device, dtype: torch.dtype) -> dict:
     from diffdis.data.embedded import make_embedded_dataset
     from diffdis.data.transforms import to_pixel_values
     from diffdis.models.components import encode_text
-    from diffdis.pipelines.zeroshot import images_to_latents, load_zero_shot_model, tokenize
+    from diffdis.pipelines.zeroshot import images_to_latents, tokenize
+    from diffdis.pipelines.zeroshot_pipeline import load_zero_shot_pipeline
 
     if args.preset == "sd15" and not args.model:
         raise CliError("zeroshot --preset sd15 is not supported without --model; use --model <folder>")
     vae = None
     if args.model:
-        m = load_zero_shot_model(args.model, device)
+        m = load_zero_shot_pipeline(args.model, device)
         unet, text_encoder, tokenizer, sched_config, vae, resolution = (
-            m.unet, m.text_encoder, m.tokenizer, m.scheduler_config, m.vae, m.resolution)
+            m.unet, m.text_encoder, m.tokenizer, dict(m.scheduler.config), m.vae, m.resolution)
     else:
         tokenizer, text_encoder, unet, sched, resolution, vae = tiny_components()
         sched_config = dict(sched.config)
@@ -154,6 +155,6 @@ def run(args, device: torch.device, dtype: torch.dtype) -> dict:
         repeats=args.repeats,
     )
     result.update(resolution=resolution, images="embedded test split",
-                  reference="diffdis.eval.zeroshot.diffusion_classifier_logits (Li et al. 2023): dc_classes x"
+                  reference="diffdis.pipelines.zeroshot.diffusion_classifier_logits (Li et al. 2023): dc_classes x"
                   " dc_timesteps UNet passes per image on the same UNet and images")
     return result

@@ -55,6 +55,44 @@ class TextEncoderConfig:
 
 
 @dataclass
+class ClipConfig:
+    """Image tower of ``method=clip``: a ViT built through transformers' ``CLIPModel`` at ``data.resolution``; the
+    text tower is the run's text encoder (``model.text_encoder``), both projecting to its ``projection_dim``."""
+
+    patch_size: int = 4  # ViT patch side in pixels (data.resolution must be a multiple)
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    logit_scale_init: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
+    logit_scale_max: float = 100.0
+
+
+@dataclass
+class RlegConfig:
+    """``method=rleg``: CLIP training whose batches gain generated text embeddings as extra positives."""
+
+    generator: Optional[str] = None  # a trained diffdis model folder: its discrimination stream generates a text embedding per image (frozen); its text tower and tokenizer start the CLIP text tower
+    weight: float = 0.5  # weight of the contrastive term between images and their generated embeddings
+    steps: Optional[int] = None  # K of the generation (None: the generator's saved value)
+
+
+@dataclass
+class OneRConfig:
+    """The single tower of ``method=oner``: one transformer, shared by image patches and text tokens (the run's
+    tokenizer), projecting both to one space (``diffdis.models.single_tower``)."""
+
+    patch_size: int = 4  # image patch side in pixels (data.resolution must be a multiple)
+    hidden_size: int = 64  # width of the shared transformer (a multiple of num_attention_heads)
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256  # MLP width
+    projection_dim: Optional[int] = None  # joint embedding width; None: model.text_encoder.projection_dim
+    logit_scale_init: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
+    logit_scale_max: float = 100.0
+
+
+@dataclass
 class ModelConfig:
     """Which components to build or load, and the shape of the discrimination stream."""
 
@@ -64,6 +102,9 @@ class ModelConfig:
     patch_size: int = 1  # tiny pixel-space models: p > 1 folds p x p pixel patches into channels (the UNet sees 3*p*p channels at resolution/p)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip (and the CLIP model of rleg)
+    rleg: RlegConfig = field(default_factory=RlegConfig)  # method=rleg only
+    oner: OneRConfig = field(default_factory=OneRConfig)  # method=oner only
     fusion: str = "joint"  # "joint" (paper) or "one_way" (image tokens never see the text token)
     post_mid_layers: int = 1  # M transformer layers after the mid block
     text_prediction_type: str = "sample"  # the text head predicts e0 ("sample", paper) or noise ("epsilon")
@@ -90,10 +131,10 @@ class LossConfig:
     lambda_ita: float = 1.0  # 0 trains generation only
     min_snr_gamma: Optional[float] = 5.0  # Min-SNR weighting of L_IG; None disables it
     noise_offset: float = 0.0
-    text_scale: float = 1.0  # gamma in e_t = gamma*sqrt(a_t)*e_0 + sqrt(1-a_t)*eps
+    text_scale: float = 1.0  # gamma in e_t = gamma*sqrt(a_t)*e_0 + sqrt(1-a_t)*eps (e_0 is unit-norm in d_e dimensions: sqrt(d_e) matches the noise's norm)
     p_uncond: float = 0.1  # image-condition dropout in the discrimination pass
     p_uncond_text: float = 0.1  # caption dropout in the generation pass
-    logit_scale_init: float = 14.285714  # 1/0.07
+    logit_scale_init: float = 14.285714  # 1/0.07: L_ITA's initial logit scale (a new text stream's; a resumed run keeps its own)
     logit_scale_max: float = 100.0
     timestep_sampling: str = "uniform"  # image-stream t: "uniform" or "logit_normal" (t/T = sigmoid(N(timestep_mean, timestep_std)), SD3)
     timestep_mean: float = 0.0  # logit_normal only: > 0 trains noisier timesteps more often
@@ -137,6 +178,17 @@ class EMAConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """Zero-shot inference defaults, saved into the model's zero-shot pipeline (``zeroshot_index.json``) and used by
+    evaluation during training; tools/zeroshot.py and tools/evaluate.py can override them per run."""
+
+    steps: int = 10  # K: denoising steps of the image-side text query
+    guidance: float = 0.0  # w: (1+w)Φ(e,t,z) − wΦ(e,t,∅) on the image condition; 0 skips the unconditional pass
+    noise_samples: int = 1  # noise draws averaged per image
+    scheduler: str = "ddim"  # text-query sampler: "ddim" or "dpm++"
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, precision, checkpoints and logging."""
 
@@ -171,7 +223,6 @@ class TrainConfig:
     eval_zeroshot_samples: int = 120  # embedded test images classified zero-shot (shape, colour, colour_shape tasks); 0 skips
     eval_steps: int = 20  # DDIM sampling steps of the evaluation images
     eval_guidance: float = 3.0  # classifier-free guidance scale of the evaluation images (diffusers' g; <= 1 is unguided)
-    eval_zs_steps: int = 10  # text-query denoising steps K of the zero-shot evaluation
     eval_batch_size: int = 64  # images per batch and process during evaluation
     report_to: str = "tensorboard"  # "tensorboard", "wandb", "all" or "none"
 
@@ -186,6 +237,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 _CHOICES = {
@@ -196,6 +248,7 @@ _CHOICES = {
     "model.unet.addition_embed_type": (None, "text"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "wandb", "all", "none"),
+    "zeroshot.scheduler": ("ddim", "dpm++"),
 }
 
 
@@ -228,8 +281,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.name is required: 'embedded', a hub dataset id, a local folder, or 'webdataset'")
     if cfg.train.max_steps < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.max_steps and train.batch_size must be at least 1")
-    if not 0.0 < cfg.loss.text_scale <= 1.0:
-        raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be in (0, 1]")
+    if not cfg.loss.text_scale > 0.0:
+        raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be > 0")
+    if not cfg.loss.logit_scale_init > 0.0:
+        raise ConfigError(f"loss.logit_scale_init={cfg.loss.logit_scale_init} must be > 0")
     if not 0.0 < cfg.loss.ita_fraction <= 1.0:
         raise ConfigError(f"loss.ita_fraction={cfg.loss.ita_fraction} must be in (0, 1]")
     if not 0.0 < cfg.loss.ig_fraction <= 1.0:
@@ -256,8 +311,11 @@ def _validate_evaluation(cfg: Config) -> None:
     t = cfg.train
     if min(t.eval_every, t.eval_adherence_per_combo, t.eval_zeroshot_samples) < 0:
         raise ConfigError("train.eval_every, train.eval_adherence_per_combo and train.eval_zeroshot_samples must be >= 0")
-    if t.eval_steps < 1 or t.eval_zs_steps < 1 or t.eval_batch_size < 1:
-        raise ConfigError("train.eval_steps, train.eval_zs_steps and train.eval_batch_size must be at least 1")
+    if t.eval_steps < 1 or t.eval_batch_size < 1:
+        raise ConfigError("train.eval_steps and train.eval_batch_size must be at least 1")
+    z = cfg.zeroshot
+    if z.steps < 1 or z.noise_samples < 1:
+        raise ConfigError("zeroshot.steps and zeroshot.noise_samples must be at least 1")
     check_evaluation_data(cfg)
 
 

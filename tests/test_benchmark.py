@@ -18,6 +18,7 @@ from benchmarks import run
 from benchmarks.timing import time_interleaved
 from diffdis.models import DualStreamUNet
 from diffdis.pipelines import DiffDisPipeline
+from diffdis.pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline
 
 # what run.py adds to every result
 COMMON = ("benchmark", "model", "device", "device_name", "dtype", "torch_threads", "torch_version", "batch_size",
@@ -66,7 +67,7 @@ def model_dirs(tmp_path_factory):
         parts["unet"] = DualStreamUNet.from_unet(parts["unet"], text_dim=CONTEXT_DIM)
         folders[name] = tmp_path_factory.mktemp(name)
         DiffDisPipeline(**parts).save_pretrained(folders[name])
-        (folders[name] / "diffdis_config.yaml").write_text("loss:\n  text_scale: 0.8\n")
+        DiffDisZeroShotPipeline(**parts, text_scale=0.8).save_index(folders[name])  # over the same components
     return folders
 
 
@@ -118,7 +119,7 @@ def test_zeroshot_arms_classify_the_same_images(model_dirs, tmp_path):
     assert (result["one_way_cached_fusion"], result["one_way_cached_uses_cache"]) == ("one_way", True)
     # the reference: the diffusion classifier over the first class count
     assert result["diffusion_classifier_logits_shape"] == [1, 10] and result["dc_classes"] == 10
-    assert result["reference"].startswith("diffdis.eval.zeroshot.diffusion_classifier_logits")
+    assert result["reference"].startswith("diffdis.pipelines.zeroshot.diffusion_classifier_logits")
     _check_positive(result, (*(f"{arm}_img_s" for arm in arms), "class_count_ratio", "one_way_speedup",
                              "diffusion_classifier_img_s", "diffusion_classifier_slowdown", "wall_s"))
 

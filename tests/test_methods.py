@@ -18,10 +18,10 @@ from diffdis.train.build import Components
 
 
 def test_registry_lists_the_methods_and_refuses_others():
-    assert methods.available() == ["diffdis", "disc_only", "gen_only"]
+    assert methods.available() == ["clip", "diffdis", "disc_only", "gen_only", "oner", "rleg"]
     assert methods.get("gen_only") is methods.GenOnlyMethod
     with pytest.raises(ValueError, match="not one of"):
-        methods.get("clip")
+        methods.get("unidiff")
     with pytest.raises(ConfigError, match="method='nope'"):
         load_config(None, ["method=nope"])
 
@@ -73,6 +73,9 @@ def test_method_trains_from_the_command_line_in_two_processes(tmp_path, tiny_ove
     assert summary["replica_param_checksums"][0] == summary["replica_param_checksums"][1]
     saved = (out / "model" / "diffdis_config.yaml").read_text()
     assert f"method: {name}" in saved
+    index = json.loads((out / "model" / "zeroshot_index.json").read_text())  # what inference reads
+    assert index["method"] == name and index["generates"] == (name == "gen_only")
+    assert index["classifier"] == ("diffusion_classifier" if name == "gen_only" else "text_query")
     rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
     logged = set().union(*rows)
     assert ("train/loss_ita" in logged) == (name == "disc_only") and ("train/loss_ig" in logged) == (name == "gen_only")
@@ -102,3 +105,16 @@ def test_method_models_are_evaluated_on_what_they_train(tmp_path, monkeypatch, t
                           "--device", "cpu", "--out", str(tmp_path / "zs")]) == 0
     settings = json.loads((tmp_path / "zs" / "results.json").read_text())
     assert settings["method"] == ("diffusion_classifier" if name == "gen_only" else "diffdis")
+
+
+def test_loss_settings_that_shape_the_text_stream_are_read():
+    """loss.logit_scale_init sets a new text stream's initial scale; γ (loss.text_scale) may exceed 1."""
+    tok = tiny_tokenizer()
+    text = tiny_text_encoder(tok, with_projection=True)
+    unet = DualStreamUNet.from_unet(tiny_unet(), text_dim=text.config.projection_dim)
+    components = Components(tok, text, unet, DDPMScheduler(num_train_timesteps=1000))
+    method = methods.build(load_config(None, ["loss.logit_scale_init=5.0", "loss.text_scale=4.0"]), components)
+    assert method.unet.logit_scale.exp().item() == pytest.approx(5.0)
+    assert method.options.text_scale == 4.0
+    with pytest.raises(ConfigError, match="text_scale"):
+        load_config(None, ["loss.text_scale=0"])

@@ -130,7 +130,7 @@ def test_optimizer_has_a_learning_rate_for_the_unet_the_text_stream_and_the_text
 
     module, _ = _module()
     cfg = load_config("tiny", ["train.learning_rate=1e-3"] + overrides)
-    groups = build_optimizer(cfg, module.unet, module.text_encoder).param_groups
+    groups = build_optimizer(cfg, module).param_groups
     new = {id(p) for p in module.unet.new_parameters()}
     expected = [
         [p for p in module.unet.parameters() if id(p) not in new],
@@ -142,4 +142,4 @@ def test_optimizer_has_a_learning_rate_for_the_unet_the_text_stream_and_the_text
         assert [id(p) for p in group["params"]] == [id(p) for p in params]
     # a frozen text encoder is left out of the optimiser
     module.text_encoder.requires_grad_(False)
-    assert len(build_optimizer(cfg, module.unet, module.text_encoder).param_groups) == 2
+    assert len(build_optimizer(cfg, module).param_groups) == 2

@@ -64,7 +64,7 @@ def test_two_step_run_writes_everything(tmp_path, tiny_overrides):
     for rel in ["config.yaml", "tokenizer/tokenizer.json", "checkpoint-1/trainer_state.json", "checkpoint-1/unet/config.json",
                 "checkpoint-1/text_encoder/config.json", "checkpoint-1/optimizer.bin", "model/model_index.json",
                 "model/unet/diffusion_pytorch_model.safetensors", "model/text_encoder/config.json", "model/tokenizer/tokenizer.json",
-                "model/scheduler/scheduler_config.json", "model/diffdis_config.yaml", "logs/history.jsonl", "curves.png",
+                "model/scheduler/scheduler_config.json", "model/diffdis_config.yaml", "model/zeroshot_index.json", "logs/history.jsonl", "curves.png",
                 "train_summary.json"]:
         assert (out / rel).exists(), rel
     assert not list(out.glob("*.tmp"))

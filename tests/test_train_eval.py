@@ -8,13 +8,14 @@ import torch
 from conftest import TINY_TRAIN_OVERRIDES
 from helpers_train import accelerate
 
+from diffdis import methods
 from diffdis.config import ConfigError, load_config
 from diffdis.data.embedded import COLOURS, SHAPES, make_embedded_dataset
 from diffdis.eval.reference import AttributeClassifier
 from diffdis.train.build import build_components, caption_corpus
 from diffdis.train.evaluation import TrainingEvaluator
 
-EVAL_OVERRIDES = ["train.eval_zeroshot_samples=8", "train.eval_steps=2", "train.eval_zs_steps=2", "train.eval_batch_size=16"]
+EVAL_OVERRIDES = ["train.eval_zeroshot_samples=8", "train.eval_steps=2", "zeroshot.steps=2", "train.eval_batch_size=16"]
 ADHERENCE = ["eval/adherence_shape", "eval/adherence_colour", "eval/adherence_both", "eval/adherence_colour_pixel"]
 ZEROSHOT = ["eval/zeroshot_shape", "eval/zeroshot_colour", "eval/zeroshot_colour_shape"]
 UPSCALE = 4  # adherence_grid's default
@@ -38,8 +39,7 @@ def tiny_run():
 
 
 def _evaluate(evaluator, components):
-    return evaluator(None, components.unet, components.text_encoder, components.tokenizer,
-                     components.noise_scheduler.config, components.vae, step=0)
+    return evaluator(None, methods.build(evaluator.cfg, components), components, step=0)
 
 
 def test_evaluator_keys_ranges_and_grid(tiny_run):

@@ -19,7 +19,8 @@ from diffdis.data.embedded import COLOURS, SHAPES, caption_for  # noqa: E402
 from diffdis.eval import zeroshot as zs  # noqa: E402
 from diffdis.models.components import encode_text  # noqa: E402
 from diffdis.models.dual_stream_unet import DualStreamUNet  # noqa: E402
-from diffdis.pipelines.zeroshot import TextQuerySampler, tokenize  # noqa: E402
+from diffdis.pipelines.zeroshot import TextQuerySampler, diffusion_classifier_logits, tokenize  # noqa: E402
+from diffdis.pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline, load_zero_shot_pipeline  # noqa: E402
 from diffdis.schedule import text_forward  # noqa: E402
 
 from helpers_tiny import CONTEXT_DIM, tiny_text_encoder, tiny_tokenizer, tiny_unet  # noqa: E402
@@ -73,24 +74,29 @@ def test_builtin_tasks_have_expected_sizes():
         zs.load_task("nope")
 
 
+def _text_fn(tok, enc):
+    """texts -> normalised text queries (N, d), as a zero-shot pipeline's ``encode_text``."""
+    return lambda texts: encode_text(enc, tokenize(tok, list(texts), "cpu"))[1]
+
+
 def test_classifier_shape_normalisation_and_template_average(text_parts):
     tok, enc = text_parts
     names, templates = ["red circle", "blue square", "green star"], ["a {}", "a photo of a {}"]
-    weights = zs.build_zero_shot_classifier(enc, tok, names, templates, "cpu", batch_size=4)
+    weights = zs.build_zero_shot_classifier(_text_fn(tok, enc), names, templates)
     assert weights.shape == (CONTEXT_DIM, 3)
     torch.testing.assert_close(weights.norm(dim=0), torch.ones(3))
-    q = zs.encode_texts(enc, tok, [t.format(n) for n in names for t in templates], "cpu").view(3, 2, -1)
+    q = _text_fn(tok, enc)([t.format(n) for n in names for t in templates]).view(3, 2, -1)
     torch.testing.assert_close(weights, F.normalize(q.mean(1), dim=-1).T)
-    single = zs.build_zero_shot_classifier(enc, tok, names, templates[:1], "cpu")
+    single = zs.build_zero_shot_classifier(_text_fn(tok, enc), names, templates[:1])
     torch.testing.assert_close(single, q[:, 0].T)
 
 
 def test_max_ensemble_scores_each_class_by_its_best_template(text_parts):
     tok, enc = text_parts
     names, templates = ["circle", "square"], ["a red {}", "a blue {}", "a green {}"]
-    weights = zs.build_zero_shot_classifier(enc, tok, names, templates, "cpu", ensemble="max")
+    weights = zs.build_zero_shot_classifier(_text_fn(tok, enc), names, templates, ensemble="max")
     assert weights.shape == (CONTEXT_DIM, 2, 3)
-    q = zs.encode_texts(enc, tok, [t.format(n) for n in names for t in templates], "cpu").view(2, 3, -1)
+    q = _text_fn(tok, enc)([t.format(n) for n in names for t in templates]).view(2, 3, -1)
     feats = F.normalize(torch.randn(5, CONTEXT_DIM, generator=torch.Generator().manual_seed(0)), dim=-1)
     expected = torch.einsum("nd,ctd->nct", feats, F.normalize(q, dim=-1)).amax(-1)  # (5, 2)
     torch.testing.assert_close(zs.class_logits(feats, weights), expected)
@@ -100,7 +106,7 @@ def test_max_ensemble_scores_each_class_by_its_best_template(text_parts):
     assert zs.task_ensemble("shape") == "max" and zs.task_ensemble("colour") == "max"
     assert zs.task_ensemble("cifar10") == "mean" and zs.task_ensemble("my_folder") == "mean"
     with pytest.raises(ValueError, match="ensemble"):
-        zs.build_zero_shot_classifier(enc, tok, names, templates, "cpu", ensemble="median")
+        zs.build_zero_shot_classifier(_text_fn(tok, enc), names, templates, ensemble="median")
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -233,7 +239,7 @@ def test_diffusion_classifier_picks_the_right_class():
     contexts = torch.cat([guesses, torch.zeros(5, 1, 4)], dim=1)  # (K=5, L=2, d=4)
     images = guesses[[3, 1, 4], 0].view(3, 1, 2, 2) + 0.01 * torch.randn(3, 1, 2, 2, generator=g)
     sched = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
-    logits = zs.diffusion_classifier_logits(_PromptDenoiser(sched), images, contexts, sched, num_timesteps=4, generator=g, class_batch_size=2)
+    logits = diffusion_classifier_logits(_PromptDenoiser(sched), images, contexts, sched, num_timesteps=4, generator=g, class_batch_size=2)
     assert logits.shape == (3, 5)
     assert logits.argmax(1).tolist() == [3, 1, 4]
     assert zs.evaluate_zero_shot(logits, torch.tensor([3, 1, 4]))["acc1"] == 1.0
@@ -244,11 +250,9 @@ def test_diffusion_classifier_picks_the_right_class():
 def model_dir(tmp_path_factory, text_parts):
     folder = tmp_path_factory.mktemp("zs_model")
     tok, enc = text_parts
-    _dual("one_way").save_pretrained(folder / "unet")
-    enc.save_pretrained(folder / "text_encoder")
-    tok.save_pretrained(folder / "tokenizer")
-    DDPMScheduler(num_train_timesteps=100, clip_sample=False).save_pretrained(folder / "scheduler")
-    (folder / "diffdis_config.yaml").write_text("data:\n  resolution: 8\nloss:\n  text_scale: 0.8\n")
+    DiffDisZeroShotPipeline(unet=_dual("one_way"), text_encoder=enc, tokenizer=tok,
+                            scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False), text_scale=0.8,
+                            num_inference_steps=3, resolution=8).save_pretrained(folder)
     return folder
 
 
@@ -350,9 +354,7 @@ def test_tool_maps_string_labels_to_the_given_class_names(model_dir, named_label
 def test_api_scores_images_in_memory_as_the_dataset_they_came_from(model_dir):
     """Evaluation during training passes a pixel tensor, the command a dataset read on demand: same numbers."""
     from diffdis.eval.api import ZeroShotSettings, load_zero_shot_tasks, zero_shot
-    from diffdis.pipelines.zeroshot import load_zero_shot_model
-
-    model = load_zero_shot_model(model_dir)
+    model = load_zero_shot_pipeline(model_dir)
     images, tasks = load_zero_shot_tasks("embedded", "all", num_samples=6, resolution=model.resolution)
     settings = ZeroShotSettings(steps=2, batch_size=4)
     from_dataset = zero_shot(model, tasks, images, settings)

@@ -30,13 +30,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from diffdis.cli.options import add_zero_shot_options, zero_shot_settings
 from diffdis.eval.api import (
     PARTS,
     PRESETS,
     EvaluationError,
     EvaluationOptions,
     SamplingSettings,
-    ZeroShotSettings,
     evaluate_model,
     preset_sizes,
     report,
@@ -64,11 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default: 3)")
     p.add_argument("--scheduler", default="ddim", help="sampling scheduler (default: ddim)")
-    p.add_argument("--zs-steps", type=int, default=10, help="text-query denoising steps K (default: 10)")
-    p.add_argument("--zs-guidance", type=float, default=0.0, help="zero-shot guidance w (default: 0)")
-    p.add_argument("--dc-timesteps", type=int, default=10,
-                   help="timesteps per class of the diffusion classifier, the zero-shot of models without a trained "
-                        "text stream (method=gen_only) (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of generation and zero-shot noise (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--extractor", default="reference", choices=("reference", "inception"),
@@ -81,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", default=None, help="ablation.json from tools/ablation.py to include in the report")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the accelerator's device)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    add_zero_shot_options(p, prefix="zs-")
     return p
 
 
@@ -103,7 +99,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> EvaluationOptions:
-    """The library's evaluation options for these arguments."""
+    """The library's evaluation options for these arguments.
+
+    Raises:
+        ValueError: a zero-shot count below 1.
+    """
     sizes = preset_sizes("quick" if args.quick else args.preset, fid_images=args.fid_images,
                          adherence_per_combo=args.adherence_per_combo, zeroshot_samples=args.zeroshot_samples,
                          retrieval_samples=args.retrieval_samples)
@@ -111,8 +111,7 @@ def options_from_args(args: argparse.Namespace) -> EvaluationOptions:
         sizes=sizes,
         parts=tuple(p for p in PARTS if p not in args.skip),
         sampling=SamplingSettings(args.steps, args.guidance, args.scheduler, args.seed, args.batch_size),
-        zeroshot=ZeroShotSettings(steps=args.zs_steps, guidance=args.zs_guidance, seed=args.seed, batch_size=args.batch_size,
-                                  dc_timesteps=args.dc_timesteps),
+        zeroshot=zero_shot_settings(args, "zs-", seed=args.seed, batch_size=args.batch_size),
         extractor=args.extractor,
         inception_weights=args.inception_weights,
         fid_reference=args.fid_reference,
@@ -135,7 +134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             diffusers.utils.logging.disable_progress_bar()
             transformers.utils.logging.disable_progress_bar()
-        options = options_from_args(args)
+        try:
+            options = options_from_args(args)
+        except ValueError as err:
+            raise EvaluationError(str(err)) from None
         accelerator = new_accelerator(cpu=(args.device == "cpu") or not torch.cuda.is_available())
         result = evaluate_model(args.model_dir, options, accelerator)
     except (EvaluationError, ZeroShotModelError, TemplateError) as err:

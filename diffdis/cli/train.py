@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from diffdis.config import ConfigError, list_configs, load_config
@@ -42,6 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
+    from accelerate import PartialState
+
     from diffdis.train import train
 
     try:
@@ -49,9 +52,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else err}", file=sys.stderr)
         return 1
+    if not PartialState().is_main_process:  # one message per run, not per process
+        return 0
     print(f"\nmodel saved to {model_dir}")
     print("next:")
-    print(f"  python tools/sample.py {model_dir} --prompt 'a red circle' --prompt 'a large blue square on the left'")
+    if (Path(model_dir) / "model_index.json").is_file():  # the method generates
+        print(f"  python tools/sample.py {model_dir} --prompt 'a red circle' --prompt 'a large blue square on the left'")
     print(f"  python tools/zeroshot.py {model_dir} --dataset embedded --task shape")
     return 0
 

@@ -6,6 +6,9 @@
     diffdis-zeroshot outputs/run/model --dataset /data/pets_folders --templates t.json
     accelerate launch --multi_gpu --num_processes 2 -m diffdis.cli.zeroshot outputs/run/model --task all
 
+K, w, the noise samples and the sampler default to the values the training run saved in the model's zero-shot
+pipeline (``zeroshot_index.json``); the options below override them for one run.
+
 Methods: ``diffdis`` generates each image's text query with the discrimination stream (K denoising
 steps, independent of the number of classes) and takes the arg-max cosine against the class
 weights; ``diffusion_classifier`` is the baseline of Li et al. (2023): the class prompt under which
@@ -17,24 +20,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
 
 from diffdis.eval import zeroshot as zs
+from diffdis.cli.options import add_zero_shot_options, zero_shot_settings
 from diffdis.eval.api import (
-    METHODS,
     EvaluationError,
     ZeroShotSettings,
-    applicable,
     load_retrieval_set,
     load_zero_shot_tasks,
+    resolved_settings,
     retrieval,
     zero_shot,
 )
 from diffdis.eval.report import write_zero_shot_results, zero_shot_table
-from diffdis.pipelines.zeroshot import TEXT_SCHEDULERS, ZeroShotModelError, check_dual_stream_folder, load_zero_shot_model
+from diffdis.pipelines.zeroshot import ZeroShotModelError
+from diffdis.pipelines.zeroshot_pipeline import load_zero_shot_pipeline
 from diffdis.utils.distributed import new_accelerator
 
 
@@ -53,17 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default=None, help="dataset split (default: test; validation for retrieval)")
     p.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N images")
-    p.add_argument("--method", default="auto", choices=("auto",) + tuple(METHODS),
-                   help="classifier: diffdis (the discrimination stream's text queries), diffusion_classifier, or auto: the "
-                        "one the model's training method provides (gen_only: diffusion_classifier) (default: auto)")
-    p.add_argument("--steps", type=int, default=10, help="K denoising steps of the text query (default: 10)")
-    p.add_argument("--guidance", type=float, default=0.0, help="w: (1+w)Φ(e,t,z) − wΦ(e,t,∅) (default: 0)")
-    p.add_argument("--noise-samples", type=int, default=1, help="noise samples averaged per image (default: 1)")
-    p.add_argument("--ensemble", default="auto", choices=("auto",) + zs.ENSEMBLES,
-                   help="template pooling: mean (CLIP's averaged embedding), max (best template per class) or auto"
-                   " (the built-in task's choice: max for the embedded shape and colour tasks; else mean) (default: auto)")
-    p.add_argument("--scheduler", default="ddim", choices=TEXT_SCHEDULERS, help="text-query sampler (default: ddim)")
-    p.add_argument("--dc-timesteps", type=int, default=10, help="diffusion classifier: timesteps per class (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image noise (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the accelerator's device)")
@@ -74,31 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classnames", default=None, help="class names file (JSON list/object or one per line)")
     p.add_argument("--templates", default=None, help="templates file, each with one '{}' (JSON list/object or one per line)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    add_zero_shot_options(p)
     return p
 
 
-def _settings(args, model_dir: str, resolution: int, world: int) -> Dict:
-    return {"model": model_dir, "dataset": args.dataset, "split": args.split, "task": args.task, "method": args.method,
-            "steps": args.steps, "guidance": args.guidance, "noise_samples": args.noise_samples, "scheduler": args.scheduler,
-            "ensemble": args.ensemble,
-            "dc_timesteps": args.dc_timesteps, "seed": args.seed, "num_samples": args.num_samples,
-            "resolution": resolution, "num_processes": world}
+def _settings(args, settings: ZeroShotSettings, resolution: int, world: int) -> Dict:
+    """Every setting of the run, as written into results.json (K, w, n and the sampler as resolved)."""
+    return {"model": str(args.model_dir), "dataset": args.dataset, "split": args.split, "task": args.task,
+            **{k: v for k, v in asdict(settings).items() if k != "batch_size"},
+            "num_samples": args.num_samples, "resolution": resolution, "num_processes": world}
 
 
 def run(args: argparse.Namespace) -> int:
     """Load, evaluate, write; raises :class:`EvaluationError` on bad input."""
-    check_dual_stream_folder(args.model_dir)
-    if args.steps < 1 or args.noise_samples < 1 or args.batch_size < 1:
-        raise EvaluationError("--steps, --noise-samples and --batch-size must be >= 1")
+    if args.batch_size < 1:
+        raise EvaluationError("--batch-size must be >= 1")
+    try:
+        settings = zero_shot_settings(args, seed=args.seed, batch_size=args.batch_size)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
     if args.task == "retrieval" and args.dataset != "embedded":
         raise EvaluationError("--task retrieval is available on the embedded dataset only")
     accelerator = new_accelerator(cpu=(args.device == "cpu") or not torch.cuda.is_available())
-    model = load_zero_shot_model(args.model_dir, args.device or accelerator.device)
-    if args.method == "auto":  # the classifier the model's training method provides
-        args.method = applicable(model.config)["classifier"]
-    settings = ZeroShotSettings(method=args.method, steps=args.steps, guidance=args.guidance, noise_samples=args.noise_samples,
-                                scheduler=args.scheduler, ensemble=args.ensemble, dc_timesteps=args.dc_timesteps,
-                                seed=args.seed, batch_size=args.batch_size)
+    model = load_zero_shot_pipeline(args.model_dir, args.device or accelerator.device)
+    settings = resolved_settings(settings, model)  # "auto" and the saved K, w, n, sampler, as they will run
     resolution = model.resolution
     if args.task == "retrieval":
         images, captions = load_retrieval_set(args.split or "validation", args.num_samples, resolution)
@@ -109,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         results = zero_shot(model, tasks, images, settings, accelerator, args.progress)
     if accelerator.is_main_process:
         path = write_zero_shot_results(Path(args.out), results,
-                                       _settings(args, str(args.model_dir), resolution, accelerator.num_processes))
+                                       _settings(args, settings, resolution, accelerator.num_processes))
         print("\n".join(zero_shot_table(results)))
         print(f"wrote {path}")
     return 0

@@ -41,7 +41,8 @@ from .tasks import (
     load_retrieval_set,
     load_zero_shot_tasks,
 )
-from ..pipelines.zeroshot import TextQuerySampler, ZeroShotModel, images_to_latents, load_zero_shot_model
+from ..pipelines.zeroshot import ZeroShotModelError
+from ..pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline, load_zero_shot_pipeline, read_zero_shot_index
 
 __all__ = [
     "ADHERENCE_SCORES",
@@ -64,6 +65,7 @@ __all__ = [
     "load_zero_shot_tasks",
     "preset_sizes",
     "report",
+    "resolved_settings",
     "retrieval",
     "zero_shot",
 ]
@@ -76,13 +78,14 @@ REFERENCE_RESOLUTION = 16  # input size of the reference attribute classifier (i
 
 @dataclass
 class ZeroShotSettings:
-    """How zero-shot features are computed (written into every result)."""
+    """How zero-shot features are computed (written into every result). ``None`` takes the value saved in the
+    model's zero-shot pipeline config."""
 
     method: str = "auto"  # "diffdis" (text queries of the discrimination stream), "diffusion_classifier" (Li et al. 2023), or "auto": the one the model's training method provides
-    steps: int = 10  # K denoising steps of the text query
-    guidance: float = 0.0  # w: (1+w)Φ(e,t,z) − wΦ(e,t,∅)
-    noise_samples: int = 1  # noise samples averaged per image
-    scheduler: str = "ddim"  # text-query sampler
+    steps: Optional[int] = None  # K denoising steps of the text query
+    guidance: Optional[float] = None  # w: (1+w)Φ(e,t,z) − wΦ(e,t,∅)
+    noise_samples: Optional[int] = None  # noise samples averaged per image
+    scheduler: Optional[str] = None  # text-query sampler
     ensemble: str = "auto"  # template pooling: "mean", "max", or "auto" (the built-in task's choice)
     dc_timesteps: int = 10  # diffusion classifier: timesteps per class
     seed: int = 0  # seed of the per-image noise
@@ -144,43 +147,51 @@ class EvaluationOptions:
 
 
 # ---------------------------------------------------------------------------- zero-shot and retrieval
-def _features(model: ZeroShotModel, images: Images, settings: ZeroShotSettings, accelerator, progress: bool) -> torch.Tensor:
-    """Normalised DiffDis text queries (N, d_e) of every image, sharded over processes and gathered."""
-    sampler = TextQuerySampler.from_model(model, settings.scheduler)
-    fn = zs.diffdis_feature_fn(sampler, model.vae, settings.steps, settings.guidance, settings.noise_samples)
-    return zs.compute_image_features(fn, lambda idx: images[idx], len(images), settings.batch_size, settings.seed,
-                                     accelerator, progress)
-
-
-def _diffusion_classifier_logits(model: ZeroShotModel, task: ZeroShotTask, images: Images, settings: ZeroShotSettings,
-                                 accelerator, progress: bool) -> torch.Tensor:
-    """(N, C) logits of the diffusion classifier: one prompt per class, the task's first template."""
-    from diffusers import DDPMScheduler
-
-    device = model.unet.device
-    contexts = zs.class_contexts(model.text_encoder, model.tokenizer, task.classnames, task.templates[0], device)
-    scheduler = DDPMScheduler.from_config(model.scheduler_config)
+def _features(model: DiffDisZeroShotPipeline, images: Images, settings: ZeroShotSettings, accelerator, progress: bool) -> torch.Tensor:
+    """Normalised image features (N, d) of every image, sharded over processes and gathered."""
 
     def fn(pixels, gens):
-        latents = images_to_latents(pixels.to(device), model.vae)
-        return zs.diffusion_classifier_logits(model.unet, latents, contexts, scheduler, settings.dc_timesteps, gens)
+        return model.encode_images(pixels, gens, settings.steps, settings.guidance, settings.noise_samples, settings.scheduler)
 
     return zs.compute_image_features(fn, lambda idx: images[idx], len(images), settings.batch_size, settings.seed,
                                      accelerator, progress)
 
 
-@torch.no_grad()
-def _resolved(settings: ZeroShotSettings, model: ZeroShotModel) -> ZeroShotSettings:
-    """``settings`` with ``method="auto"`` replaced by the classifier the model's training method provides."""
+def _diffusion_classifier_logits(model: DiffDisZeroShotPipeline, task: ZeroShotTask, images: Images,
+                                 settings: ZeroShotSettings, accelerator, progress: bool) -> torch.Tensor:
+    """(N, C) logits of the diffusion classifier: one prompt per class, the task's first template."""
+    prompts = [task.templates[0].format(c) for c in task.classnames]
+
+    def fn(pixels, gens):
+        return model.diffusion_classifier_logits(pixels, prompts, gens, settings.dc_timesteps)
+
+    return zs.compute_image_features(fn, lambda idx: images[idx], len(images), settings.batch_size, settings.seed,
+                                     accelerator, progress)
+
+
+def resolved_settings(settings: ZeroShotSettings, model) -> ZeroShotSettings:
+    """``settings`` with ``method="auto"`` replaced by the classifier the model provides, and the pipeline's
+    saved K, w, n and sampler filled in where ``settings`` leaves them None (so results record what ran)."""
+    cfg = model.config
     if settings.method == "auto":
-        return replace(settings, method=applicable(model.config)["classifier"])
+        settings = replace(settings, method="diffdis" if model.discriminates else "diffusion_classifier")
     if settings.method not in METHODS:
         raise EvaluationError(f"unknown zero-shot method {settings.method!r}; choose one of auto, {', '.join(METHODS)}")
-    return settings
+    if settings.method == "diffdis" and not model.discriminates:
+        raise EvaluationError(f"the model (method {cfg.method!r}) has no trained text stream: use --method "
+                              "diffusion_classifier or auto")
+    saved = dict(cfg)  # a CLIP pipeline has no K, w, n or sampler: they stay None
+    return replace(
+        settings,
+        steps=settings.steps if settings.steps is not None else saved.get("num_inference_steps"),
+        guidance=settings.guidance if settings.guidance is not None else saved.get("guidance_scale"),
+        noise_samples=settings.noise_samples if settings.noise_samples is not None else saved.get("num_noise_samples"),
+        scheduler=settings.scheduler or saved.get("text_scheduler"),
+    )
 
 
 def zero_shot(
-    model: ZeroShotModel,
+    model: DiffDisZeroShotPipeline,
     tasks: Mapping[str, ZeroShotTask],
     images: Images,
     settings: Optional[ZeroShotSettings] = None,
@@ -190,8 +201,8 @@ def zero_shot(
     """Zero-shot classification of ``images`` on every task; DiffDis features are computed once and shared by the tasks.
 
     Args:
-        model: the trained model (:func:`~diffdis.pipelines.zeroshot.load_zero_shot_model`, or a
-            :class:`~diffdis.pipelines.zeroshot.ZeroShotModel` around live modules).
+        model: the trained model's zero-shot pipeline (:func:`~diffdis.pipelines.zeroshot_pipeline.load_zero_shot_pipeline`,
+            or a :class:`~diffdis.pipelines.zeroshot_pipeline.DiffDisZeroShotPipeline` around live modules).
         tasks: ``{name: ZeroShotTask(labels (N,), classnames, templates)}``, labels in the order of ``images``.
         images: pixel values (N, 3, R, R) in [-1, 1], or a :class:`DatasetImages`.
         settings: method, steps, guidance, seed, batch size.
@@ -203,7 +214,7 @@ def zero_shot(
         mean_per_class_recall, num_samples, confusion_matrix}, "chance", "ensemble", "num_classes",
         "classnames", "templates"}}``.
     """
-    settings = _resolved(settings or ZeroShotSettings(), model)
+    settings = resolved_settings(settings or ZeroShotSettings(), model)
     results, features = {}, None
     for name, task in tasks.items():
         ensemble = None
@@ -211,8 +222,8 @@ def zero_shot(
             if features is None:
                 features = _features(model, images, settings, accelerator, progress)
             ensemble = settings.ensemble if settings.ensemble != "auto" else zs.task_ensemble(name)
-            weights = zs.build_zero_shot_classifier(model.text_encoder, model.tokenizer, task.classnames, task.templates,
-                                                    model.unet.device, ensemble=ensemble)  # (d_e, C) or (d_e, C, T)
+            weights = zs.build_zero_shot_classifier(model.encode_text, task.classnames, task.templates,
+                                                    ensemble=ensemble)  # (d, C) or (d, C, T)
             metrics = zs.evaluate_zero_shot(features, task.labels, weights)
         else:
             logits = _diffusion_classifier_logits(model, task, images, settings, accelerator, progress)  # (N, C)
@@ -233,7 +244,7 @@ def _chance_hit(total: int, positives: int, k: int) -> float:
 
 @torch.no_grad()
 def retrieval(
-    model: ZeroShotModel,
+    model: DiffDisZeroShotPipeline,
     images: Images,
     captions: Sequence[Sequence[str]],
     settings: Optional[ZeroShotSettings] = None,
@@ -253,16 +264,16 @@ def retrieval(
         ``{"retrieval": {"task": "zeroshot_retrieval", "metrics": {image_retrieval_recall@k,
         text_retrieval_recall@k}, "chance": {same keys}, "num_images", "num_texts"}}``.
     """
-    settings = _resolved(settings or ZeroShotSettings(), model)
+    settings = resolved_settings(settings or ZeroShotSettings(), model)
     if settings.method != "diffdis":
-        raise EvaluationError("retrieval needs the discrimination stream (--method diffdis); this model's zero-shot "
-                              "classifier is the diffusion classifier")
+        raise EvaluationError("retrieval needs image and text features (--method diffdis); the diffusion classifier "
+                              "has none")
     if len(captions) != len(images):
         raise EvaluationError(f"{len(captions)} caption lists for {len(images)} images")
     image_features = _features(model, images, settings, accelerator, progress)  # (N, d_e)
     texts = [c for caps in captions for c in caps]
     index = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])  # (N_txt,)
-    text_features = zs.encode_texts(model.text_encoder, model.tokenizer, texts, model.unet.device)  # (N_txt, d_e)
+    text_features = model.encode_text(texts)  # (N_txt, d)
     metrics = zs.retrieval_metrics(image_features, text_features, index)
     per_image = len(texts) // len(images)
     chance = {}
@@ -345,7 +356,10 @@ def _extractor(options: EvaluationOptions, classifier: Optional[AttributeClassif
 def _zero_shot_parts(model_dir, options: EvaluationOptions, parts: Sequence[str], device, accelerator) -> Dict[str, Dict]:
     """Zero-shot classification on every embedded task (test split) and retrieval (validation split)."""
     sizes = options.sizes
-    model = load_zero_shot_model(model_dir, device)
+    try:
+        model = load_zero_shot_pipeline(model_dir, device)
+    except ZeroShotModelError as err:
+        raise EvaluationError(str(err)) from None
     results: Dict[str, Dict] = {}
     if "zeroshot" in parts and sizes.zeroshot_samples > 0:
         images, tasks = load_zero_shot_tasks("embedded", "all", num_samples=sizes.zeroshot_samples, resolution=model.resolution)
@@ -356,28 +370,53 @@ def _zero_shot_parts(model_dir, options: EvaluationOptions, parts: Sequence[str]
     return results
 
 
-def applicable(config: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """What a trained model can be scored on, from the training method recorded in its ``diffdis_config.yaml``.
+def applicable(model_dir: Union[str, Path]) -> Dict[str, Any]:
+    """What a trained model folder can be scored on, from its saved zero-shot pipeline config (no weights loaded).
 
-    Returns ``method`` (its name; ``diffdis`` for folders from before methods were recorded), ``generates`` (FID and
-    prompt adherence apply), ``discriminates`` (text-query zero-shot and retrieval apply) and ``classifier`` (the
-    zero-shot classifier that applies: ``diffdis`` or ``diffusion_classifier``).
+    Returns ``method`` (the training method), ``generates`` (FID and prompt adherence apply), ``discriminates``
+    (text-query zero-shot and retrieval apply) and ``classifier`` (the zero-shot classifier that applies:
+    ``diffdis`` or ``diffusion_classifier``).
+
+    Raises:
+        EvaluationError: the folder has no zero-shot pipeline index.
     """
-    from omegaconf import OmegaConf
+    index = read_zero_shot_index(model_dir)
+    if not index:
+        raise EvaluationError(f"'{model_dir}' has no zeroshot_index.json: not a diffdis model folder, or one written by a "
+                              "diffdis from before zero-shot pipelines were saved (train it again)")
+    discriminates = index.get("classifier", "text_query") == "text_query"
+    return {"method": index.get("method", "diffdis"), "generates": bool(index.get("generates", True)),
+            "discriminates": discriminates, "classifier": "diffdis" if discriminates else "diffusion_classifier"}
 
-    from .. import methods
-    from ..config import LossConfig
 
-    config = dict(config or {})
-    name = config.get("method", "diffdis")
+def _generation_parts(model_dir, options: EvaluationOptions, parts: Sequence[str], device: str, accelerator) -> Dict[str, Any]:
+    """FID and prompt adherence of the model's text-to-image pipeline (with the reference classifier)."""
+    from ..pipelines.text_to_image import load_pipeline
+
+    sizes = options.sizes
     try:
-        method = methods.get(name)
-    except ValueError as err:
-        raise EvaluationError(f"the model was trained with {err}") from None
-    loss = OmegaConf.merge(OmegaConf.structured(LossConfig), config.get("loss", {}))
-    discriminates = method.trains_discrimination(loss)
-    return {"method": name, "generates": method.trains_generation(loss), "discriminates": discriminates,
-            "classifier": "diffdis" if discriminates else "diffusion_classifier"}
+        pipe = load_pipeline(model_dir, options.sampling.scheduler, device, "float32")
+    except (ValueError, OSError) as err:
+        raise EvaluationError(str(err).splitlines()[0]) from None
+    height, _ = pipe.default_size()
+    timings: Dict[str, float] = {}
+    classifier = None
+    if ("fid" in parts and options.extractor == "reference") or ("adherence" in parts and sizes.adherence_per_combo > 0):
+        t = time.perf_counter()
+        classifier = load_or_train_reference_classifier(resolution=REFERENCE_RESOLUTION, steps=options.reference_steps)
+        timings["reference_classifier"] = time.perf_counter() - t
+    fid_set, extractor = None, None
+    if "fid" in parts and sizes.fid_images > 0:
+        fid_set = load_fid_reference(options.fid_reference, sizes.fid_images, height)
+        extractor = _extractor(options, classifier)
+    quality = generation_quality(
+        pipe, options.sampling, classifier=classifier,
+        adherence_per_combo=sizes.adherence_per_combo if "adherence" in parts else 0,
+        fid_reference=fid_set, extractor=extractor, stats_cache=default_cache_dir() / "fid_stats",
+        accelerator=accelerator, progress=options.progress,
+    )
+    return {"fid": quality["fid"], "adherence": quality["adherence"], "grid": quality["grid"],
+            "metrics": dict(quality["metrics"]), "timings_s": {**timings, **quality["timings_s"]}}
 
 
 def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOptions] = None, accelerator=None) -> Dict[str, Any]:
@@ -397,15 +436,11 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
     """
     from dataclasses import asdict
 
-    from ..pipelines.text_to_image import load_pipeline
-
-    from ..pipelines.zeroshot import read_training_config
-
     options = options or EvaluationOptions()
     unknown = [p for p in options.parts if p not in PARTS]
     if unknown:
         raise EvaluationError(f"unknown evaluation part {unknown[0]!r}; choose from {', '.join(PARTS)}")
-    scope = applicable(read_training_config(Path(model_dir)))
+    scope = applicable(model_dir)
     parts, sizes = [p for p in PARTS if p in options.parts], options.sizes
     if not scope["generates"]:  # a discrimination-only model: its generation head was never trained
         parts = [p for p in parts if p not in ("fid", "adherence")]
@@ -413,32 +448,9 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
         parts = [p for p in parts if p != "retrieval"]
     default = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     device = options.device or str(default)
-    try:
-        pipe = load_pipeline(model_dir, options.sampling.scheduler, device, "float32")
-    except (ValueError, OSError) as err:
-        raise EvaluationError(str(err).splitlines()[0]) from None
-    height, _ = pipe.default_size()
     out: Dict[str, Any] = {"metrics": {}, "fid": None, "adherence": None, "zeroshot": {}, "grid": None, "timings_s": {}}
-    classifier = None
-    if ("fid" in parts and options.extractor == "reference") or ("adherence" in parts and sizes.adherence_per_combo > 0):
-        t = time.perf_counter()
-        classifier = load_or_train_reference_classifier(resolution=REFERENCE_RESOLUTION, steps=options.reference_steps)
-        out["timings_s"]["reference_classifier"] = time.perf_counter() - t
-    fid_set, extractor = None, None
-    if "fid" in parts and sizes.fid_images > 0:
-        fid_set = load_fid_reference(options.fid_reference, sizes.fid_images, height)
-        extractor = _extractor(options, classifier)
-    quality = generation_quality(
-        pipe, options.sampling, classifier=classifier,
-        adherence_per_combo=sizes.adherence_per_combo if "adherence" in parts else 0,
-        fid_reference=fid_set, extractor=extractor, stats_cache=default_cache_dir() / "fid_stats",
-        accelerator=accelerator, progress=options.progress,
-    )
-    for key in ("fid", "adherence", "grid"):
-        out[key] = quality[key]
-    out["metrics"].update(quality["metrics"])
-    out["timings_s"].update(quality["timings_s"])
-    del pipe, quality
+    if "fid" in parts or "adherence" in parts:
+        out.update(_generation_parts(model_dir, options, parts, device, accelerator))
     if "zeroshot" in parts or "retrieval" in parts:
         t = time.perf_counter()
         out["zeroshot"] = _zero_shot_parts(model_dir, options, parts, options.device or default, accelerator)

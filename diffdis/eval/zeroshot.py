@@ -1,11 +1,12 @@
-"""Zero-shot classification and retrieval: classifier builder, metrics, evaluation loop, baselines.
+"""Zero-shot classification and retrieval: task files, classifier builder, metrics, sharded feature loop.
 
-The classifier builder is pure (class names × templates -> weight matrix, open_clip style) and kept
+The classifier builder is pure (class names × templates -> weight matrix, open_clip style, from any text
+feature function) and kept
 apart from the loop that extracts image features (sharded over processes, gathered before any
 metric) and from the metric functions, which return flat dicts with CLIP_benchmark's names
 (``acc1``, ``acc5``, ``mean_per_class_recall``, ``image_retrieval_recall@k``,
-``text_retrieval_recall@k``). The diffusion-classifier baseline (Li et al. 2023) returns logits so it
-goes through the same metrics.
+``text_retrieval_recall@k``). The diffusion-classifier baseline (Li et al. 2023, in
+:mod:`diffdis.pipelines.zeroshot`) returns logits, so it goes through the same metrics.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from .suite import shard_range
-from ..models.components import encode_text
-from ..pipelines.zeroshot import TextQuerySampler, tokenize
 
 FeatureFn = Callable[[torch.Tensor, List[torch.Generator]], torch.Tensor]
 EMBEDDED_TASKS = ("shape", "colour", "colour_shape")
@@ -112,30 +111,23 @@ def embedded_labels(dataset, task: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- classifier builder
-@torch.no_grad()
-def encode_texts(text_encoder, tokenizer, texts: Sequence[str], device, batch_size: int = 256) -> torch.Tensor:
-    """Normalised text queries (N, d_e) of ``texts``, in batches."""
-    out = [
-        encode_text(text_encoder, tokenize(tokenizer, list(texts[i : i + batch_size]), device))[1]
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(out).float()  # (N, d_e)
+TextEncodeFn = Callable[[List[str]], torch.Tensor]
 
 
 @torch.no_grad()
 def build_zero_shot_classifier(
-    text_encoder,
-    tokenizer,
+    encode: TextEncodeFn,
     classnames: Sequence[str],
     templates: Sequence[str],
-    device="cpu",
-    batch_size: int = 256,
     ensemble: str = "mean",
 ) -> torch.Tensor:
     """Class weights from class names x templates.
 
-    ``ensemble="mean"``: (d_e, C), the normalised template queries averaged per class and renormalised
-    (open_clip / CLIP_benchmark). ``ensemble="max"``: (d_e, C, T), every normalised template query kept;
+    Args:
+        encode: texts -> normalised text features (N, d), e.g. a zero-shot pipeline's ``encode_text``.
+
+    ``ensemble="mean"``: (d, C), the normalised template features averaged per class and renormalised
+    (open_clip / CLIP_benchmark). ``ensemble="max"``: (d, C, T), every normalised template feature kept;
     :func:`class_logits` then scores a class by its best template.
     """
     if not classnames or not templates:
@@ -143,7 +135,7 @@ def build_zero_shot_classifier(
     if ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
     texts = [template.format(name) for name in classnames for template in templates]
-    queries = encode_texts(text_encoder, tokenizer, texts, device, batch_size)  # (C*T, d)
+    queries = encode(texts).float()  # (C*T, d)
     queries = queries.view(len(classnames), len(templates), -1)  # (C, T, d)
     if ensemble == "max":
         return F.normalize(queries, dim=-1).permute(2, 0, 1).contiguous()  # (d, C, T)
@@ -295,85 +287,3 @@ def compute_image_features(
 
     parts = gather_object([local])  # one entry per process, in rank order
     return torch.cat([p for p in parts if p is not None])
-
-
-def diffdis_feature_fn(
-    sampler: TextQuerySampler, vae=None, steps: int = 10, guidance: float = 0.0, noise_samples: int = 1
-) -> FeatureFn:
-    """Feature function of DiffDis: pixels -> generated normalised image-side text queries (b, d_e)."""
-    from ..pipelines.zeroshot import images_to_latents
-
-    def fn(pixels: torch.Tensor, generators: List[torch.Generator]) -> torch.Tensor:
-        latents = images_to_latents(pixels.to(sampler.unet.device), vae)
-        return sampler(latents, steps, guidance, noise_samples, generator=generators)
-
-    return fn
-
-
-# ---------------------------------------------------------------------------- diffusion classifier
-@torch.no_grad()
-def diffusion_classifier_logits(
-    unet,
-    latents: torch.Tensor,
-    class_contexts: torch.Tensor,
-    noise_scheduler,
-    num_timesteps: int = 10,
-    generator=None,
-    class_batch_size: int = 64,
-) -> torch.Tensor:
-    """Diffusion classifier (Li et al. 2023): logits = −mean denoising error per class prompt.
-
-    Each image is noised at ``num_timesteps`` evenly spaced timesteps with the same noise for every
-    class; the error ``‖target − U(z_t, t, c_k)‖²`` is averaged over timesteps. Cost:
-    classes × timesteps UNet passes per image.
-
-    Args:
-        unet: the generation UNet (``DualStreamUNet`` or ``UNet2DConditionModel``).
-        latents: clean latents (B, C, H, W).
-        class_contexts: (K, L, d) context of one prompt per class.
-        noise_scheduler: the training noise scheduler (its ``prediction_type`` sets the target).
-        generator: one generator or one per image.
-
-    Returns:
-        (B, K) logits (negative errors): the lowest error wins.
-    """
-    b, k = latents.shape[0], class_contexts.shape[0]
-    device, dtype = unet.device, unet.dtype
-    num_train = noise_scheduler.config.num_train_timesteps
-    ts = torch.linspace(0, num_train - 1, num_timesteps + 2)[1:-1].round().long()  # interior, evenly spaced
-    shape = (num_timesteps, *latents.shape[1:])
-    if generator is None or isinstance(generator, torch.Generator):
-        noise = torch.randn((b, *shape), generator=generator)
-    else:
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generator])  # (B, N, C, H, W)
-    latents = latents.to(device=device, dtype=torch.float32)
-    errors = torch.zeros(b, k, device=device)
-    pred_type = noise_scheduler.config.prediction_type
-    for j, t in enumerate(ts.tolist()):
-        eps = noise[:, j].to(device)  # (B, C, H, W), shared by all classes
-        t_b = torch.full((b,), t, dtype=torch.long, device=device)
-        noisy = noise_scheduler.add_noise(latents, eps, t_b)
-        target = noise_scheduler.get_velocity(latents, eps, t_b) if pred_type == "v_prediction" else eps
-        if pred_type == "sample":
-            target = latents
-        for c0 in range(0, k, class_batch_size):
-            ctx = class_contexts[c0 : c0 + class_batch_size].to(device=device, dtype=dtype)  # (k', L, d)
-            kk = ctx.shape[0]
-            x = noisy.repeat_interleave(kk, dim=0).to(dtype)  # (B*k', C, H, W), image-major
-            pred = unet(x, t_b.repeat_interleave(kk), ctx.repeat(b, 1, 1)).sample.float()
-            err = (pred - target.repeat_interleave(kk, dim=0)).pow(2).flatten(1).mean(dim=1)  # (B*k',)
-            errors[:, c0 : c0 + kk] += err.view(b, kk)
-    return -(errors / num_timesteps)  # (B, K)
-
-
-def class_contexts(
-    text_encoder, tokenizer, classnames: Sequence[str], template: str, device, batch_size: int = 256
-) -> torch.Tensor:
-    """Context (K, L, d) of one prompt per class (the diffusion classifier's conditions)."""
-    prompts = [template.format(c) for c in classnames]
-    with torch.no_grad():
-        out = [
-            encode_text(text_encoder, tokenize(tokenizer, prompts[i : i + batch_size], device))[0]
-            for i in range(0, len(prompts), batch_size)
-        ]
-    return torch.cat(out)

@@ -2,18 +2,21 @@
 
 >>> import diffdis.methods as m
 >>> m.available()
-['diffdis', 'disc_only', 'gen_only']
+['clip', 'diffdis', 'disc_only', 'gen_only', 'oner', 'rleg']
 
 Adding a method: one module here, one import line below, one config (docs/ADDING_A_METHOD.md).
 """
 
 from .base import Method, available, get, register
+from .clip import ClipMethod
 from .diffdis import DiffDisMethod, sample_timesteps
 from .disc_only import DiscOnlyMethod
 from .gen_only import GenOnlyMethod
+from .oner import OneRMethod
+from .rleg import RlegMethod
 
-__all__ = ["DiffDisMethod", "DiscOnlyMethod", "GenOnlyMethod", "Method", "available", "build", "get", "register",
-           "sample_timesteps"]
+__all__ = ["ClipMethod", "DiffDisMethod", "DiscOnlyMethod", "GenOnlyMethod", "Method", "OneRMethod", "RlegMethod",
+           "available", "build", "get", "register", "sample_timesteps"]
 
 
 def build(cfg, components) -> Method:

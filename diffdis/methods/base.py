@@ -11,13 +11,19 @@ method only through this interface:
   text-to-image pipeline; zero-shot by text queries or by the diffusion classifier);
 - :meth:`Method.find_unused_parameters` tells DDP whether some parameters get no gradient in some steps.
 
-Every method built on the dual-stream UNet saves itself as the same model folder (a ``DiffDisPipeline`` plus
-``diffdis_config.yaml``, whose ``method`` key says which method trained it).
+- :meth:`Method.text_to_image_pipeline` and :meth:`Method.zero_shot_pipeline` give the inference pipelines
+  around its live modules (what evaluation during training scores), and :meth:`Method.save_pretrained` writes
+  them as the model folder.
+
+Every method built on the dual-stream UNet saves itself as the same model folder: a ``DiffDisPipeline``
+(``model_index.json``) and, over the same component subfolders, a ``DiffDisZeroShotPipeline``
+(``zeroshot_index.json``: γ, K, w, the classifier and the method's name).
 """
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Dict, List, Type
+import os
+from typing import Callable, ClassVar, Dict, List, Type, Union
 
 import torch
 from torch import nn
@@ -31,6 +37,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     #: "text_query" (the discrimination stream denoises a text query) or "diffusion_classifier" (Li et al. 2023)
     zero_shot: ClassVar[str] = "text_query"
+    #: what ``forward`` takes as ``latents``: "latents" (the UNet's input space) or "pixels" (images in [-1, 1])
+    input_space: ClassVar[str] = "latents"
 
     @classmethod
     def from_config(cls, cfg, components) -> "Method":
@@ -68,6 +76,65 @@ class Method(nn.Module):
     def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor,
                 generator: torch.Generator, gather: bool = True, step=None) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ training set-up (dual-stream UNet methods)
+    def param_groups(self, cfg) -> List[dict]:
+        """AdamW parameter groups: the UNet's pretrained (or tiny) weights at ``train.learning_rate``, the new text
+        stream at ``train.learning_rate_new`` and the text encoder at ``train.learning_rate_text_encoder`` (unset:
+        ``learning_rate``); only trainable parameters, empty groups left out."""
+        t = cfg.train
+        new_ids = {id(p) for p in self.unet.new_parameters()}
+        groups = [
+            {"params": [p for p in self.unet.parameters() if id(p) not in new_ids and p.requires_grad], "lr": t.learning_rate},
+            {"params": [p for p in self.unet.new_parameters() if p.requires_grad], "lr": t.learning_rate_new or t.learning_rate},
+            {"params": [p for p in self.text_encoder.parameters() if p.requires_grad],
+             "lr": t.learning_rate_text_encoder or t.learning_rate},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def checkpoint_modules(self) -> Dict[str, nn.Module]:
+        """The modules a checkpoint saves, each as a ``save_pretrained`` folder named by its key."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def configure_speed(self, cfg) -> None:
+        """xformers attention (CUDA, where installed and ``model.enable_xformers``) and gradient checkpointing."""
+        if cfg.model.enable_xformers and torch.cuda.is_available():
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is not None:
+                self.unet.unet.enable_xformers_memory_efficient_attention()
+        if cfg.model.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if cfg.model.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+
+    # ------------------------------------------------------------------ inference (dual-stream UNet methods)
+    def text_to_image_pipeline(self, components, scheduler=None):
+        """A ``DiffDisPipeline`` around the live modules (``scheduler``: the sampler; default: the noise scheduler)."""
+        from ..pipelines import DiffDisPipeline
+
+        return DiffDisPipeline(unet=self.unet, text_encoder=self.text_encoder, tokenizer=components.tokenizer,
+                               scheduler=scheduler or components.noise_scheduler, vae=components.vae)
+
+    def zero_shot_pipeline(self, components, cfg):
+        """A ``DiffDisZeroShotPipeline`` around the live modules, with the run's γ (``loss.text_scale``), its zero-shot
+        defaults (``zeroshot.*``) and the classifier this method provides."""
+        from ..pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline
+
+        z = cfg.zeroshot
+        return DiffDisZeroShotPipeline(
+            unet=self.unet, text_encoder=self.text_encoder, tokenizer=components.tokenizer,
+            scheduler=components.noise_scheduler, vae=components.vae, text_scale=cfg.loss.text_scale,
+            num_inference_steps=z.steps, guidance_scale=z.guidance, num_noise_samples=z.noise_samples,
+            text_scheduler=z.scheduler, classifier="text_query" if self.discriminates else "diffusion_classifier",
+            method=self.name, generates=self.generates, resolution=cfg.data.resolution,
+        )
+
+    def save_pretrained(self, folder: Union[str, os.PathLike], components, cfg) -> None:
+        """Write the model folder: the text-to-image pipeline with every component, then the zero-shot
+        pipeline's index over the same component subfolders."""
+        self.text_to_image_pipeline(components).save_pretrained(folder)
+        self.zero_shot_pipeline(components, cfg).save_index(folder)
 
 
 def register(name: str) -> Callable[[Type[Method]], Type[Method]]:

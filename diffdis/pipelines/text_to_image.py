@@ -12,13 +12,10 @@ skips the unconditional pass.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import inspect
-import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Union
 
@@ -26,7 +23,6 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
-    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     ImagePipelineOutput,
@@ -38,11 +34,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..models.components import vae_scale_factor
+from .base import CustomComponentsPipeline
 
 logger = logging.getLogger("diffdis.pipelines")
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-TRUSTED_PACKAGE = "diffdis"  # model_index.json may name modules of this package; they are imported on load
 GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # weight dtypes by name
 
@@ -82,36 +78,7 @@ def unet_downsample_factor(unet: ModelMixin) -> int:
     return 2 ** (len(blocks) - 1) if blocks is not None else 1
 
 
-def _is_custom_library(library: Optional[str]) -> bool:
-    """True for a component whose ``model_index.json`` library is neither diffusers nor transformers."""
-    from diffusers import pipelines
-    from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
-
-    return library is not None and library not in LOADABLE_CLASSES and not hasattr(pipelines, library)
-
-
-def _resolve_custom_class(library: str, class_name: str) -> type:
-    """Find ``class_name`` in ``library``: a ``diffdis`` module (imported here) or one already imported."""
-    trusted = library == TRUSTED_PACKAGE or library.startswith(TRUSTED_PACKAGE + ".")
-    if trusted:
-        try:
-            module = importlib.import_module(library)
-        except ImportError as err:
-            raise ValueError(f"cannot import {library!r} named in model_index.json: {err}") from err
-    elif library in sys.modules:
-        module = sys.modules[library]
-    else:
-        raise ValueError(
-            f"model_index.json names the module {library!r}, which is not part of {TRUSTED_PACKAGE} and has not been"
-            f" imported; import {library} before loading (importing a module named by a folder would run its code)"
-        )
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise ValueError(f"module {library!r} has no class {class_name!r} (named in model_index.json)")
-    return cls
-
-
-class DiffDisPipeline(DiffusionPipeline):
+class DiffDisPipeline(CustomComponentsPipeline):
     """Text-to-image generation with classifier-free guidance.
 
     Args:
@@ -137,37 +104,6 @@ class DiffDisPipeline(DiffusionPipeline):
     ) -> None:
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae)
-
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> "DiffDisPipeline":
-        """Load a saved pipeline folder, including components of custom classes (e.g. ``DualStreamUNet``).
-
-        diffusers resolves a component library that is not diffusers/transformers only from ``sys.modules`` and
-        then needs ``ModelMixin`` in that module's namespace; we instead load such components here with their own
-        ``from_pretrained`` (modules of the ``diffdis`` package are imported, others must already be imported)
-        and hand them to diffusers. Keyword arguments are those of ``DiffusionPipeline.from_pretrained``.
-        """
-        folder = Path(pretrained_model_name_or_path)
-        index_file = folder / "model_index.json"
-        if not index_file.is_file():
-            raise ValueError(f"{folder} is not a diffdis model folder (no model_index.json)")
-        index = json.loads(index_file.read_text())
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        custom = {}
-        for name, value in index.items():
-            if name.startswith("_") or name in kwargs or not isinstance(value, list) or len(value) != 2:
-                continue
-            library, class_name = value
-            if _is_custom_library(library):
-                component_cls = _resolve_custom_class(library, class_name)
-                load_kwargs = {"dtype": dtype} if dtype is not None else {}
-                custom[name] = component_cls.from_pretrained(folder / name, **load_kwargs)
-        # Passing None keeps diffusers from resolving the custom library; the real modules are registered after.
-        pipe = super().from_pretrained(folder, **kwargs, **{name: None for name in custom})
-        if custom:
-            pipe.register_modules(**custom)
-        return pipe
 
     # ------------------------------------------------------------------ geometry
     @property

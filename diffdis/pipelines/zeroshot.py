@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -27,7 +26,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
-from ..models.components import encode_text, load_text_encoder, load_tokenizer, load_vae_folder, vae_scale_factor
+from ..models.components import encode_text, vae_scale_factor
 from ..models.dual_stream_unet import DualStreamUNet
 
 logger = logging.getLogger("diffdis.pipelines")
@@ -92,21 +91,7 @@ def _draw(shape: Sequence[int], generator: GeneratorArg, n_per: int = 1) -> torc
     return torch.cat([torch.randn(per_image, generator=g) for g in generator])
 
 
-# ---------------------------------------------------------------------------- loaded model
-@dataclass
-class ZeroShotModel:
-    """What zero-shot inference needs from a trained model folder."""
-
-    unet: DualStreamUNet
-    text_encoder: torch.nn.Module
-    tokenizer: Any
-    scheduler_config: Dict[str, Any]
-    vae: Optional[torch.nn.Module] = None
-    text_scale: float = 1.0
-    resolution: int = 16
-    config: Optional[Dict[str, Any]] = None  # the resolved training config (diffdis_config.yaml)
-
-
+# ---------------------------------------------------------------------------- folder checks
 def check_dual_stream_folder(folder: Union[str, Path]) -> None:
     """Raise :class:`ZeroShotModelError` unless ``folder/unet`` holds a ``DualStreamUNet``."""
     config_path = Path(folder) / "unet" / "config.json"
@@ -117,34 +102,6 @@ def check_dual_stream_folder(folder: Union[str, Path]) -> None:
         raise ZeroShotModelError(
             f"'{folder}/unet' is a {class_name}, not a DualStreamUNet: the model has no discrimination stream"
         )
-
-
-def read_training_config(folder: Path) -> Dict[str, Any]:
-    path = folder / "diffdis_config.yaml"
-    if not path.is_file():
-        return {}
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-
-
-def load_zero_shot_model(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> ZeroShotModel:
-    """Load a trained model folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, opt. ``vae/``)."""
-    folder = Path(folder)
-    check_dual_stream_folder(folder)
-    cfg = read_training_config(folder)
-    unet = DualStreamUNet.from_pretrained(folder / "unet").to(device).eval()
-    text_encoder = load_text_encoder(str(folder)).to(device).eval()
-    tokenizer = load_tokenizer(str(folder))
-    sched_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = json.loads(sched_path.read_text()) if sched_path.is_file() else {}
-    vae = None
-    if (folder / "vae" / "config.json").is_file():
-        vae = load_vae_folder(folder / "vae").to(device).eval()
-    factor = vae_scale_factor(vae)
-    resolution = int(cfg.get("data", {}).get("resolution") or unet.config.sample_size * factor)
-    text_scale = float(cfg.get("loss", {}).get("text_scale", 1.0))
-    return ZeroShotModel(unet, text_encoder, tokenizer, scheduler_config, vae, text_scale, resolution, cfg)
 
 
 def tokenize(tokenizer, texts: List[str], device: Union[str, torch.device]) -> torch.Tensor:
@@ -195,14 +152,6 @@ class TextQuerySampler:
         self.empty_context = empty_context  # (1, L, d_ctx)
         self.text_scale = float(text_scale)
         self.use_cache = unet.config.fusion == "one_way" if use_cache is None else bool(use_cache)
-
-    @classmethod
-    def from_model(cls, model: ZeroShotModel, scheduler: str = "ddim") -> "TextQuerySampler":
-        """Build from a loaded :class:`ZeroShotModel` (encodes the empty prompt once)."""
-        device = model.unet.device
-        with torch.no_grad():
-            context, _ = encode_text(model.text_encoder, tokenize(model.tokenizer, [""], device))
-        return cls(model.unet, model.scheduler_config, context.to(model.unet.dtype), model.text_scale, scheduler)
 
     @property
     def cached(self) -> bool:
@@ -292,3 +241,72 @@ class TextQuerySampler:
         x = x / self.text_scale  # the scheduler's x0 is γ·e0 whatever the head predicts
         queries = F.normalize(x, dim=-1).view(b, n, d)  # (B, n, d)
         return F.normalize(queries.mean(dim=1), dim=-1)  # (B, d)
+
+
+# ---------------------------------------------------------------------------- diffusion classifier
+@torch.no_grad()
+def diffusion_classifier_logits(
+    unet,
+    latents: torch.Tensor,
+    class_contexts: torch.Tensor,
+    noise_scheduler,
+    num_timesteps: int = 10,
+    generator=None,
+    class_batch_size: int = 64,
+) -> torch.Tensor:
+    """Diffusion classifier (Li et al. 2023): logits = −mean denoising error per class prompt.
+
+    Each image is noised at ``num_timesteps`` evenly spaced timesteps with the same noise for every
+    class; the error ``‖target − U(z_t, t, c_k)‖²`` is averaged over timesteps. Cost:
+    classes × timesteps UNet passes per image.
+
+    Args:
+        unet: the generation UNet (``DualStreamUNet`` or ``UNet2DConditionModel``).
+        latents: clean latents (B, C, H, W).
+        class_contexts: (K, L, d) context of one prompt per class.
+        noise_scheduler: the training noise scheduler (its ``prediction_type`` sets the target).
+        generator: one generator or one per image.
+
+    Returns:
+        (B, K) logits (negative errors): the lowest error wins.
+    """
+    b, k = latents.shape[0], class_contexts.shape[0]
+    device, dtype = unet.device, unet.dtype
+    num_train = noise_scheduler.config.num_train_timesteps
+    ts = torch.linspace(0, num_train - 1, num_timesteps + 2)[1:-1].round().long()  # interior, evenly spaced
+    shape = (num_timesteps, *latents.shape[1:])
+    if generator is None or isinstance(generator, torch.Generator):
+        noise = torch.randn((b, *shape), generator=generator)
+    else:
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generator])  # (B, N, C, H, W)
+    latents = latents.to(device=device, dtype=torch.float32)
+    errors = torch.zeros(b, k, device=device)
+    pred_type = noise_scheduler.config.prediction_type
+    for j, t in enumerate(ts.tolist()):
+        eps = noise[:, j].to(device)  # (B, C, H, W), shared by all classes
+        t_b = torch.full((b,), t, dtype=torch.long, device=device)
+        noisy = noise_scheduler.add_noise(latents, eps, t_b)
+        target = noise_scheduler.get_velocity(latents, eps, t_b) if pred_type == "v_prediction" else eps
+        if pred_type == "sample":
+            target = latents
+        for c0 in range(0, k, class_batch_size):
+            ctx = class_contexts[c0 : c0 + class_batch_size].to(device=device, dtype=dtype)  # (k', L, d)
+            kk = ctx.shape[0]
+            x = noisy.repeat_interleave(kk, dim=0).to(dtype)  # (B*k', C, H, W), image-major
+            pred = unet(x, t_b.repeat_interleave(kk), ctx.repeat(b, 1, 1)).sample.float()
+            err = (pred - target.repeat_interleave(kk, dim=0)).pow(2).flatten(1).mean(dim=1)  # (B*k',)
+            errors[:, c0 : c0 + kk] += err.view(b, kk)
+    return -(errors / num_timesteps)  # (B, K)
+
+
+def class_contexts(
+    text_encoder, tokenizer, classnames: Sequence[str], template: str, device, batch_size: int = 256
+) -> torch.Tensor:
+    """Context (K, L, d) of one prompt per class (the diffusion classifier's conditions)."""
+    prompts = [template.format(c) for c in classnames]
+    with torch.no_grad():
+        out = [
+            encode_text(text_encoder, tokenize(tokenizer, prompts[i : i + batch_size], device))[0]
+            for i in range(0, len(prompts), batch_size)
+        ]
+    return torch.cat(out)

@@ -141,18 +141,10 @@ def make_collator(cfg, tokenizer, generator: Optional[torch.Generator] = None, d
     return ImageTextCollator(tokenizer, d.resolution, d.center_crop, d.random_flip, generator=generator, defer_choice=defer_choice)
 
 
-def build_optimizer(cfg, unet: DualStreamUNet, text_encoder: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW with a learning rate each for the UNet's pretrained (or tiny) weights, the new text stream
-    (``train.learning_rate_new``) and the text encoder (``train.learning_rate_text_encoder``); unset: ``learning_rate``."""
+def build_optimizer(cfg, method) -> torch.optim.Optimizer:
+    """AdamW over the method's parameter groups (:meth:`diffdis.methods.Method.param_groups`)."""
     t = cfg.train
-    new_ids = {id(p) for p in unet.new_parameters()}
-    groups = [
-        {"params": [p for p in unet.parameters() if id(p) not in new_ids and p.requires_grad], "lr": t.learning_rate},
-        {"params": [p for p in unet.new_parameters() if p.requires_grad], "lr": t.learning_rate_new or t.learning_rate},
-        {"params": [p for p in text_encoder.parameters() if p.requires_grad],
-         "lr": t.learning_rate_text_encoder or t.learning_rate},
-    ]
-    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(
-        groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay
+        method.param_groups(cfg), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+        weight_decay=t.weight_decay,
     )

@@ -16,7 +16,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from ..models.dual_stream_unet import DualStreamUNet
 
 logger = get_logger("diffdis.train")
 
@@ -123,26 +122,24 @@ def check_fits(saved: dict, current: dict, folder: Path) -> None:
 
 
 def register_hooks(accelerator: Accelerator) -> None:
-    """Save the trainable modules as ``unet/`` and ``text_encoder/`` ``save_pretrained`` folders."""
+    """Save the method's trainable modules (:meth:`~diffdis.methods.Method.checkpoint_modules`: ``unet/`` and
+    ``text_encoder/`` for the dual-stream methods) as ``save_pretrained`` folders, and load them back, refusing a
+    checkpoint whose weights do not fit."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                module = accelerator.unwrap_model(model)
-                module.unet.save_pretrained(Path(output_dir) / "unet")
-                module.text_encoder.save_pretrained(Path(output_dir) / "text_encoder")
+                for name, module in accelerator.unwrap_model(model).checkpoint_modules().items():
+                    module.save_pretrained(Path(output_dir) / name)
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
         while models:
-            module = accelerator.unwrap_model(models.pop())
-            unet = DualStreamUNet.from_pretrained(Path(input_dir) / "unet")
-            check_fits(unet.state_dict(), module.unet.state_dict(), Path(input_dir) / "unet")
-            module.unet.load_state_dict(unet.state_dict())
-            text_encoder = type(module.text_encoder).from_pretrained(Path(input_dir) / "text_encoder")
-            check_fits(text_encoder.state_dict(), module.text_encoder.state_dict(), Path(input_dir) / "text_encoder")
-            module.text_encoder.load_state_dict(text_encoder.state_dict())
+            for name, module in accelerator.unwrap_model(models.pop()).checkpoint_modules().items():
+                saved = type(module).from_pretrained(Path(input_dir) / name)
+                check_fits(saved.state_dict(), module.state_dict(), Path(input_dir) / name)
+                module.load_state_dict(saved.state_dict())
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -34,8 +34,7 @@ from ..eval.api import ZeroShotSettings, ZeroShotTask, generation_quality, zero_
 from ..eval.reference import AttributeClassifier, load_or_train_reference_classifier
 from ..eval.suite import SamplingSettings
 from ..eval.zeroshot import EMBEDDED_TASKS, embedded_labels, load_task
-from ..pipelines import DiffDisPipeline, make_scheduler
-from ..pipelines.zeroshot import ZeroShotModel
+from ..pipelines import make_scheduler
 
 logger = logging.getLogger("diffdis.train")
 
@@ -60,27 +59,18 @@ def embedded_test_subset(num: int, resolution: int, seed: int = 0) -> Tuple[torc
     return pixels, {task: embedded_labels(dataset, task) for task in EMBEDDED_TASKS}
 
 
-def build_pipeline(unet, text_encoder, tokenizer, scheduler_config, vae=None) -> DiffDisPipeline:
-    """A ``DiffDisPipeline`` around live (unwrapped) modules, sampling with DDIM on the training schedule."""
-    pipe = DiffDisPipeline(
-        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=make_scheduler("ddim", scheduler_config), vae=vae
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @contextlib.contextmanager
 def eval_mode(modules: Sequence[Optional[torch.nn.Module]]) -> Iterator[None]:
-    """Put ``modules`` in eval mode, then give each back the mode it had (None entries are skipped)."""
-    present = [m for m in modules if m is not None]
+    """Put ``modules`` in eval mode, then give every submodule back the mode it had (None entries are skipped)."""
+    present = [sub for m in modules if m is not None for sub in m.modules()]
     was_training = [m.training for m in present]
     for m in present:
-        m.eval()
+        m.training = False
     try:
         yield
     finally:
         for m, mode in zip(present, was_training):
-            m.train(mode)
+            m.training = mode
 
 
 class TrainingEvaluator:
@@ -143,15 +133,14 @@ class TrainingEvaluator:
         return cls(cfg, classifier, pixels, labels)
 
     @torch.no_grad()
-    def __call__(
-        self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae=None, step: Optional[int] = None
-    ) -> Tuple[Dict[str, float], Optional[Image.Image]]:
+    def __call__(self, accelerator, method: methods.Method, components, step: Optional[int] = None
+                 ) -> Tuple[Dict[str, float], Optional[Image.Image]]:
         """Evaluate on every process (each takes its shard); every process returns the same results.
 
         Args:
             accelerator: an ``accelerate.Accelerator`` (None: one process, on the UNet's device).
-            unet: the unwrapped ``DualStreamUNet``; text_encoder, tokenizer, vae: the run's components.
-            scheduler_config: the training noise scheduler's config (DDIM and the text sampler reuse its schedule).
+            method: the unwrapped training method (its live modules are evaluated through its pipelines).
+            components: the run's components (tokenizer, noise scheduler, VAE).
             step: the global step, for the log only.
 
         Returns:
@@ -164,21 +153,23 @@ class TrainingEvaluator:
         metrics: Dict[str, float] = {}
         grid = None
         # fixed per-image generators drive all sampling; fork_rng keeps the training RNG untouched regardless
-        devices = [unet.device] if unet.device.type == "cuda" else []
-        with eval_mode([unet, text_encoder, vae]), torch.random.fork_rng(devices=devices), autocast:
+        device = next(method.parameters()).device
+        devices = [device] if device.type == "cuda" else []
+        with eval_mode([method, components.vae]), torch.random.fork_rng(devices=devices), autocast:
             if self.adherence_per_combo > 0:
-                adherence, grid = self._adherence(accelerator, unet, text_encoder, tokenizer, scheduler_config, vae)
+                adherence, grid = self._adherence(accelerator, method, components)
                 metrics.update(adherence)
             if self.zeroshot_samples > 0:
-                metrics.update(self._zero_shot(accelerator, unet, text_encoder, tokenizer, scheduler_config, vae))
+                metrics.update(self._zero_shot(accelerator, method, components))
         metrics["eval/seconds"] = time.perf_counter() - start
         logger.debug(f"evaluation at step {step} took {metrics['eval/seconds']:.1f} s")
         return metrics, grid
 
-    def _adherence(self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae) -> Tuple[Dict[str, float], Image.Image]:
+    def _adherence(self, accelerator, method: methods.Method, components) -> Tuple[Dict[str, float], Image.Image]:
         """Adherence metrics of "a {colour} {shape}" samples (generation sharded) and their grid."""
         t = self.cfg.train
-        pipe = build_pipeline(unet, text_encoder, tokenizer, scheduler_config, vae)
+        pipe = method.text_to_image_pipeline(components, make_scheduler("ddim", components.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
         sampling = SamplingSettings(steps=t.eval_steps, guidance=t.eval_guidance, scheduler="ddim", seed=t.seed,
                                     batch_size=t.eval_batch_size)
         quality = generation_quality(pipe, sampling, classifier=self.classifier, adherence_per_combo=self.adherence_per_combo,
@@ -186,10 +177,11 @@ class TrainingEvaluator:
         metrics = {f"eval/adherence_{k}": float(quality["adherence"][f"adherence/{k}"]) for k in ADHERENCE_KEYS}
         return metrics, quality["grid"]
 
-    def _zero_shot(self, accelerator, unet, text_encoder, tokenizer, scheduler_config, vae) -> Dict[str, float]:
-        """Top-1 zero-shot accuracy per embedded task; the DiffDis features are sharded, then shared by all tasks."""
+    def _zero_shot(self, accelerator, method: methods.Method, components) -> Dict[str, float]:
+        """Top-1 zero-shot accuracy per embedded task with the run's zero-shot settings (``zeroshot.*``); the features
+        are sharded, then shared by all tasks."""
         t = self.cfg.train
-        model = ZeroShotModel(unet, text_encoder, tokenizer, scheduler_config, vae, self.cfg.loss.text_scale)
-        settings = ZeroShotSettings(method="diffdis", steps=t.eval_zs_steps, guidance=0.0, seed=t.seed, batch_size=t.eval_batch_size)
-        results = zero_shot(model, self.tasks, self.pixels, settings, accelerator)
+        pipe = method.zero_shot_pipeline(components, self.cfg)
+        settings = ZeroShotSettings(method="diffdis", seed=t.seed, batch_size=t.eval_batch_size)
+        results = zero_shot(pipe, self.tasks, self.pixels, settings, accelerator)
         return {f"eval/zeroshot_{task}": float(res["metrics"]["acc1"]) for task, res in results.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import shutil
 import time
@@ -62,17 +63,7 @@ def _configure_speed(cfg, module: methods.Method) -> None:
     if torch.cuda.is_available() and cfg.train.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.model.enable_xformers and torch.cuda.is_available():
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            module.unet.unet.enable_xformers_memory_efficient_attention()
-    if cfg.model.gradient_checkpointing:
-        module.unet.enable_gradient_checkpointing()
-        if cfg.model.train_text_encoder:
-            module.text_encoder.gradient_checkpointing_enable()
+    module.configure_speed(cfg)
 
 
 def open_latent_cache(cfg, vae):
@@ -131,7 +122,8 @@ def validation_losses(accelerator, module, vae, batches, empty_ids, seed: int) -
     for i, batch in enumerate(batches):
         if i % accelerator.num_processes != accelerator.process_index:
             continue
-        latents = _to_latents(vae, batch["pixel_values"].to(accelerator.device), gen)
+        pixels = batch["pixel_values"].to(accelerator.device)
+        latents = pixels if model.input_space == "pixels" else _to_latents(vae, pixels, gen)
         with accelerator.autocast():
             out = model(latents, batch["input_ids"].to(accelerator.device), empty_ids, gen, gather=False)
         sums += torch.stack([out[k].float() for k in keys] + [torch.ones((), device=accelerator.device)])
@@ -149,9 +141,7 @@ def run_evaluation(accelerator, evaluator: TrainingEvaluator, module, components
     """
     model = accelerator.unwrap_model(module)
     with ema_weights(ema, module.parameters()):
-        metrics, grid = evaluator(
-            accelerator, model.unet, model.text_encoder, components.tokenizer, components.noise_scheduler.config, components.vae, step
-        )
+        metrics, grid = evaluator(accelerator, model, components, step)
     if accelerator.is_main_process:
         accelerator.log(metrics, step=step)
         history.add(step, metrics)
@@ -182,9 +172,8 @@ def _fixed_batches(cfg, tokenizer, n: int):
 
 
 def export_model(components, module: methods.Method, cfg, out_dir: Path, ema: Optional[EMAModel]) -> Path:
-    """Write the final ``DiffDisPipeline`` folder (EMA weights where EMA is on), atomically."""
-    from ..pipelines import DiffDisPipeline
-
+    """Write the final model folder (the method's pipelines, EMA weights where EMA is on, and the run's config as a
+    record in ``diffdis_config.yaml``), atomically."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -192,14 +181,7 @@ def export_model(components, module: methods.Method, cfg, out_dir: Path, ema: Op
         ema.store(module.parameters())
         ema.copy_to(module.parameters())
     try:
-        pipe = DiffDisPipeline(
-            unet=module.unet,
-            text_encoder=module.text_encoder,
-            tokenizer=components.tokenizer,
-            scheduler=components.noise_scheduler,
-            vae=components.vae,
-        )
-        pipe.save_pretrained(tmp)
+        module.save_pretrained(tmp, components, cfg)
     finally:
         if ema is not None:
             ema.restore(module.parameters())
@@ -289,7 +271,7 @@ def setup(cfg) -> Run:
         loader = DataLoader(
             examples, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers
         )
-    optimizer = build_optimizer(cfg, module.unet, module.text_encoder)
+    optimizer = build_optimizer(cfg, module)
     lr_scheduler = get_scheduler(
         t.lr_scheduler,
         optimizer,
@@ -408,7 +390,9 @@ def train_step(run: Run, batch: dict) -> Dict[str, torch.Tensor]:
     accelerator, t = run.accelerator, run.cfg.train
     run.replaced.value += int(batch.get("num_replaced", 0))
     with accelerator.accumulate(run.module):
-        latents = batch_latents(batch, run.components.vae, run.generator, accelerator.device)
+        pixels = methods.get(run.cfg.method).input_space == "pixels"
+        latents = batch["pixel_values"].to(accelerator.device) if pixels else batch_latents(
+            batch, run.components.vae, run.generator, accelerator.device)  # (B, C, h, w)
         captions = choose_captions(batch["caption_options"], run.generator)
         input_ids = tokenize(run.components.tokenizer, captions).to(accelerator.device)
         losses = run.module(latents, input_ids, run.empty_ids, run.generator, step=run.global_step)
@@ -502,8 +486,23 @@ def finish(run: Run) -> Path:
         }
         (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    _shut_down(run, final)
     return model_dir
+
+
+def _shut_down(run: Run, final: torch.nn.Module) -> None:
+    """Finish the trackers and destroy the process group, the DDP wrapper first.
+
+    DDP's reducer holds the process group; when the reducer is its last holder, the group is destroyed while the
+    GIL is held, and a gloo worker thread still releasing the tensors of the last collectives waits for the GIL
+    forever: the process hangs at exit after training has finished (seen under CPU load with two processes). Freed
+    here while ``torch.distributed`` still holds the group, the reducer only drops a reference; the group is then
+    destroyed by ``destroy_process_group``, whose binding releases the GIL.
+    """
+    run.module = final  # the DDP wrapper's last references: the run and the accelerator
+    run.accelerator.free_memory()  # drops the accelerator's models, optimisers and schedulers
+    gc.collect()  # the wrapper is in reference cycles (hooks)
+    run.accelerator.end_training()  # trackers; destroy_process_group()
 
 
 def check_usable(accelerator, dataset, prepare, iterable: bool) -> None:

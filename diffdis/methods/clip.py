@@ -1,0 +1,112 @@
+"""CLIP: an image tower and the text tower trained with a symmetric InfoNCE loss and a learnable temperature.
+
+The discriminative reference of every comparison (the CLIP baseline of DiffDis's Table 1). The model is a
+``transformers.CLIPModel``: its vision tower is a ViT built from ``model.clip`` at ``data.resolution``, its text tower
+starts as the run's text encoder (the same tokenizer, width and projection as the other methods). It reads pixels,
+not latents, never generates, and saves itself as a :class:`~diffdis.pipelines.clip_pipeline.ClipZeroShotPipeline`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPVisionConfig
+
+from ..config import ConfigError
+from ..losses import contrastive_loss, gather_with_grad, scale_gradient
+from ..pipelines.clip_pipeline import ClipZeroShotPipeline, clip_vision_inputs
+from .base import Method, register
+
+
+def build_clip(cfg, text_encoder: CLIPTextModelWithProjection) -> CLIPModel:
+    """A ``CLIPModel`` whose vision tower follows ``model.clip`` and whose text tower is a copy of ``text_encoder``."""
+    c, side = cfg.model.clip, cfg.data.resolution
+    if not isinstance(text_encoder, CLIPTextModelWithProjection):
+        raise ConfigError("method=clip needs a text encoder with a projection (the tiny text tower; not model.pretrained)")
+    if side % c.patch_size:
+        raise ConfigError(f"data.resolution={side} must be a multiple of model.clip.patch_size={c.patch_size}")
+    text_config = text_encoder.config
+    vision = CLIPVisionConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, image_size=side, patch_size=c.patch_size,
+        projection_dim=text_config.projection_dim,
+    )
+    config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision.to_dict(),
+                        projection_dim=text_config.projection_dim, logit_scale_init_value=c.logit_scale_init)
+    clip = CLIPModel(config)
+    clip.text_model.load_state_dict(text_encoder.text_model.state_dict())
+    clip.text_projection.load_state_dict(text_encoder.text_projection.state_dict())
+    return clip
+
+
+@register("clip")
+class ClipMethod(Method):
+    """L = symmetric InfoNCE between image and text features of a ``CLIPModel`` (``loss_itc``).
+
+    ``forward(pixels, input_ids, empty_ids, generator, gather=True, step=None)`` takes pixel values in [-1, 1]
+    (``input_space = "pixels"``); ``empty_ids``, ``generator`` and ``step`` are unused (the loss is deterministic).
+    """
+
+    input_space = "pixels"
+
+    def __init__(self, clip: CLIPModel, logit_scale_max: float = 100.0):
+        super().__init__()
+        self.clip = clip
+        self.logit_scale_max = logit_scale_max
+        self.options = None
+
+    @classmethod
+    def from_config(cls, cfg, components) -> "ClipMethod":
+        if cfg.data.cache_dir:
+            raise ConfigError("method=clip reads pixels: data.cache_dir (a latent cache) does not apply")
+        for frozen in (components.unet, components.vae, components.text_encoder):
+            if frozen is not None:
+                frozen.requires_grad_(False)  # not part of this method: the CLIP model has its own copy of the text tower
+        return cls(build_clip(cfg, components.text_encoder), cfg.model.clip.logit_scale_max)
+
+    @classmethod
+    def trains_generation(cls, loss) -> bool:
+        return False
+
+    @classmethod
+    def trains_discrimination(cls, loss) -> bool:
+        return True
+
+    def loss_keys(self) -> List[str]:
+        return ["loss", "loss_itc", "acc_i2t", "acc_t2i"]
+
+    def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor, generator: torch.Generator,
+                gather: bool = True, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        pixels = latents  # (B, 3, R, R) in [-1, 1]: this method's input space is pixels
+        image = self.clip.get_image_features(pixel_values=clip_vision_inputs(self.clip, pixels)).pooler_output  # (B, d)
+        text = self.clip.get_text_features(input_ids=input_ids).pooler_output  # (B, d)
+        scale = self.clip.logit_scale.exp().clamp(max=self.logit_scale_max)
+        distributed = gather and torch.distributed.is_available() and torch.distributed.is_initialized()
+        itc = contrastive_loss(image, text, scale, gather=gather_with_grad if distributed else None)
+        world = torch.distributed.get_world_size() if distributed else 1  # see DiffDisMethod.discrimination_loss
+        loss = scale_gradient(itc["loss"], world)
+        return {"loss": loss, "loss_itc": loss, "acc_i2t": itc["acc_i2t"], "acc_t2i": itc["acc_t2i"],
+                "logit_scale": scale.detach()}
+
+    # ------------------------------------------------------------------ training set-up
+    def param_groups(self, cfg) -> List[dict]:
+        return [{"params": [p for p in self.clip.parameters() if p.requires_grad], "lr": cfg.train.learning_rate}]
+
+    def checkpoint_modules(self) -> Dict[str, torch.nn.Module]:
+        return {"clip": self.clip}
+
+    def configure_speed(self, cfg) -> None:
+        if cfg.model.gradient_checkpointing:
+            self.clip.gradient_checkpointing_enable()
+
+    # ------------------------------------------------------------------ inference
+    def text_to_image_pipeline(self, components, scheduler=None):
+        raise ValueError("method=clip does not generate images")
+
+    def zero_shot_pipeline(self, components, cfg) -> ClipZeroShotPipeline:
+        return ClipZeroShotPipeline(clip=self.clip, tokenizer=components.tokenizer, resolution=cfg.data.resolution,
+                                    method=self.name)
+
+    def save_pretrained(self, folder, components, cfg) -> None:
+        self.zero_shot_pipeline(components, cfg).save_pretrained(folder)
