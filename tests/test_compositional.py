@@ -250,3 +250,19 @@ def test_training_data_through_the_config() -> None:
         prompts += [t.format(c) for c in tasks[task].classnames for t in tasks[task].templates]
     ids = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
     assert all(tokenizer.unk_token_id not in seq and len(seq) <= te.max_length for seq in ids)
+
+
+def test_the_evaluation_api_reports_pair_accuracy_for_relations():
+    """api.zero_shot adds the relation task's pair accuracy (an image against its own two orders) to its metrics."""
+    from helpers_tiny import CONTEXT_DIM, tiny_components
+
+    from diffdis.eval.api import ZeroShotSettings, load_zero_shot_tasks, zero_shot
+    from diffdis.models import DualStreamUNet
+    from diffdis.pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline
+
+    parts = tiny_components(with_projection=True)
+    parts["unet"] = DualStreamUNet.from_unet(parts["unet"], text_dim=CONTEXT_DIM)
+    pipe = DiffDisZeroShotPipeline(**parts, num_inference_steps=1)
+    images, tasks = load_zero_shot_tasks("compositional", "relation", num_samples=4, resolution=8)
+    result = zero_shot(pipe, tasks, images, ZeroShotSettings(batch_size=4))["relation"]["metrics"]
+    assert 0.0 <= result["pair_acc"] <= 1.0 and result["num_samples"] == 4
