@@ -70,6 +70,30 @@ class ClipConfig:
 
 
 @dataclass
+class RlegConfig:
+    """``method=rleg``: CLIP training whose batches gain generated text embeddings as extra positives."""
+
+    generator: Optional[str] = None  # a trained diffdis model folder: its discrimination stream generates a text embedding per image (frozen); its text tower and tokenizer start the CLIP text tower
+    weight: float = 0.5  # weight of the contrastive term between images and their generated embeddings
+    steps: Optional[int] = None  # K of the generation (None: the generator's saved value)
+
+
+@dataclass
+class OneRConfig:
+    """The single tower of ``method=oner``: one transformer, shared by image patches and text tokens (the run's
+    tokenizer), projecting both to one space (``diffdis.models.single_tower``)."""
+
+    patch_size: int = 4  # image patch side in pixels (data.resolution must be a multiple)
+    hidden_size: int = 64  # width of the shared transformer (a multiple of num_attention_heads)
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256  # MLP width
+    projection_dim: Optional[int] = None  # joint embedding width; None: model.text_encoder.projection_dim
+    logit_scale_init: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
+    logit_scale_max: float = 100.0
+
+
+@dataclass
 class ModelConfig:
     """Which components to build or load, and the shape of the discrimination stream."""
 
@@ -79,7 +103,9 @@ class ModelConfig:
     patch_size: int = 1  # tiny pixel-space models: p > 1 folds p x p pixel patches into channels (the UNet sees 3*p*p channels at resolution/p)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip and unidiff only
+    clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip (and the CLIP model of rleg and unidiff)
+    rleg: RlegConfig = field(default_factory=RlegConfig)  # method=rleg only
+    oner: OneRConfig = field(default_factory=OneRConfig)  # method=oner only
     fusion: str = "joint"  # "joint" (paper) or "one_way" (image tokens never see the text token)
     post_mid_layers: int = 1  # M transformer layers after the mid block
     text_prediction_type: str = "sample"  # the text head predicts e0 ("sample", paper) or noise ("epsilon")
@@ -106,10 +132,10 @@ class LossConfig:
     lambda_ita: float = 1.0  # 0 trains generation only
     min_snr_gamma: Optional[float] = 5.0  # Min-SNR weighting of L_IG; None disables it
     noise_offset: float = 0.0
-    text_scale: float = 1.0  # gamma in e_t = gamma*sqrt(a_t)*e_0 + sqrt(1-a_t)*eps
+    text_scale: float = 1.0  # gamma in e_t = gamma*sqrt(a_t)*e_0 + sqrt(1-a_t)*eps (e_0 is unit-norm in d_e dimensions: sqrt(d_e) matches the noise's norm)
     p_uncond: float = 0.1  # image-condition dropout in the discrimination pass
     p_uncond_text: float = 0.1  # caption dropout in the generation pass
-    logit_scale_init: float = 14.285714  # 1/0.07
+    logit_scale_init: float = 14.285714  # 1/0.07: L_ITA's initial logit scale (a new text stream's; a resumed run keeps its own)
     logit_scale_max: float = 100.0
     timestep_sampling: str = "uniform"  # image-stream t: "uniform" or "logit_normal" (t/T = sigmoid(N(timestep_mean, timestep_std)), SD3)
     timestep_mean: float = 0.0  # logit_normal only: > 0 trains noisier timesteps more often
@@ -268,8 +294,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.name is required: 'embedded', a hub dataset id, a local folder, or 'webdataset'")
     if cfg.train.max_steps < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.max_steps and train.batch_size must be at least 1")
-    if not 0.0 < cfg.loss.text_scale <= 1.0:
-        raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be in (0, 1]")
+    if not cfg.loss.text_scale > 0.0:
+        raise ConfigError(f"loss.text_scale={cfg.loss.text_scale} must be > 0")
+    if not cfg.loss.logit_scale_init > 0.0:
+        raise ConfigError(f"loss.logit_scale_init={cfg.loss.logit_scale_init} must be > 0")
     if not 0.0 < cfg.loss.ita_fraction <= 1.0:
         raise ConfigError(f"loss.ita_fraction={cfg.loss.ita_fraction} must be in (0, 1]")
     if not 0.0 < cfg.loss.ig_fraction <= 1.0:

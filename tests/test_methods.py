@@ -18,7 +18,7 @@ from diffdis.train.build import Components
 
 
 def test_registry_lists_the_methods_and_refuses_others():
-    assert methods.available() == ["clip", "diffdis", "disc_only", "gen_only", "unidiff"]
+    assert methods.available() == ["clip", "diffdis", "disc_only", "gen_only", "oner", "rleg", "unidiff"]
     assert methods.get("gen_only") is methods.GenOnlyMethod and methods.get("unidiff") is methods.UniDiffMethod
     with pytest.raises(ValueError, match="not one of"):
         methods.get("nope")
@@ -105,3 +105,16 @@ def test_method_models_are_evaluated_on_what_they_train(tmp_path, monkeypatch, t
                           "--device", "cpu", "--out", str(tmp_path / "zs")]) == 0
     settings = json.loads((tmp_path / "zs" / "results.json").read_text())
     assert settings["method"] == ("diffusion_classifier" if name == "gen_only" else "diffdis")
+
+
+def test_loss_settings_that_shape_the_text_stream_are_read():
+    """loss.logit_scale_init sets a new text stream's initial scale; γ (loss.text_scale) may exceed 1."""
+    tok = tiny_tokenizer()
+    text = tiny_text_encoder(tok, with_projection=True)
+    unet = DualStreamUNet.from_unet(tiny_unet(), text_dim=text.config.projection_dim)
+    components = Components(tok, text, unet, DDPMScheduler(num_train_timesteps=1000))
+    method = methods.build(load_config(None, ["loss.logit_scale_init=5.0", "loss.text_scale=4.0"]), components)
+    assert method.unet.logit_scale.exp().item() == pytest.approx(5.0)
+    assert method.options.text_scale == 4.0
+    with pytest.raises(ConfigError, match="text_scale"):
+        load_config(None, ["loss.text_scale=0"])

@@ -3,6 +3,7 @@ wraps it once, one forward per step)."""
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -69,6 +70,8 @@ class DiffDisMethod(Method):
     @classmethod
     def from_config(cls, cfg, components) -> "DiffDisMethod":
         method = cls(components.unet, components.text_encoder, components.noise_scheduler, cfg.loss)
+        with torch.no_grad():  # a checkpoint loaded later replaces it
+            components.unet.logit_scale.fill_(math.log(cfg.loss.logit_scale_init))
         components.text_encoder.requires_grad_(bool(cfg.model.train_text_encoder))
         if components.vae is not None:
             components.vae.requires_grad_(False)

@@ -1,0 +1,109 @@
+"""method=rleg: CLIP training with the discrimination stream's generated text embeddings as extra positives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from helpers_train import accelerate
+from helpers_tiny import tiny_text_encoder, tiny_tokenizer, tiny_unet
+
+import diffdis.methods as methods
+from diffdis.config import ConfigError, load_config
+from diffdis.models import DualStreamUNet
+from diffdis.train.build import Components
+
+SMALL = ["data.resolution=8", "model.clip.patch_size=4", "model.clip.hidden_size=32", "model.clip.num_hidden_layers=1",
+         "model.clip.num_attention_heads=2", "model.clip.intermediate_size=64"]
+
+
+def _components(seed: int = 0) -> Components:
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    text = tiny_text_encoder(tok, with_projection=True)
+    unet = DualStreamUNet.from_unet(tiny_unet(), text_dim=text.config.projection_dim)
+    with torch.no_grad():  # the text stream's output layer is zero at init: every generated embedding would be equal
+        for p in unet.new_parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return Components(tok, text, unet, DDPMScheduler(num_train_timesteps=1000))
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory):
+    """A diffdis model folder (8x8 pixels) whose discrimination stream generates the extra positives."""
+    folder = tmp_path_factory.mktemp("generator")
+    cfg = load_config(None, ["data.resolution=8", "zeroshot.steps=2"])
+    components = _components()
+    methods.build(cfg, components).save_pretrained(folder, components, cfg)
+    return folder
+
+
+def _rleg(generator_dir, extra=()):
+    cfg = load_config(None, ["method=rleg", f"model.rleg.generator={generator_dir}", *SMALL, *extra])
+    components = _components(seed=1)
+    return methods.build(cfg, components), components
+
+
+def _batch(tok, n: int = 4):
+    pixels = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    ids = tok(["a red circle", "a blue square"] * (n // 2), padding="max_length", max_length=16, return_tensors="pt").input_ids
+    return pixels, ids
+
+
+def test_generated_embeddings_are_extra_positives(generator_dir):
+    method, components = _rleg(generator_dir)
+    gen = method.generator
+    assert components.tokenizer is gen.tokenizer  # the text tower's vocabulary is the generator's
+    pixels, ids = _batch(components.tokenizer)
+    torch.testing.assert_close(method.clip.get_text_features(input_ids=ids).pooler_output, gen.text_encoder(input_ids=ids).text_embeds)
+    made = method.generated(pixels, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(made, method.generated(pixels, torch.Generator().manual_seed(5)))  # seeded: resumable
+    assert made.shape == (4, gen.unet.config.text_dim) and not torch.allclose(made[0], made[1])
+    out = method(pixels, ids, ids[:1], torch.Generator().manual_seed(5), gather=False)
+    assert out["loss"].item() == pytest.approx(out["loss_itc"].item() + 0.5 * out["loss_gen"].item(), rel=1e-5)
+    out["loss"].backward()
+    assert method.clip.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in gen.unet.parameters()), "the generator is frozen"
+    assert not any(n.startswith("generator") for n, _ in method.named_parameters())  # neither trained nor checkpointed
+
+
+def test_weight_zero_is_the_clip_loss(generator_dir):
+    method, components = _rleg(generator_dir, ["model.rleg.weight=0"])
+    pixels, ids = _batch(components.tokenizer)
+    out = method(pixels, ids, ids[:1], torch.Generator().manual_seed(5), gather=False)
+    assert out["loss"].item() == pytest.approx(out["loss_itc"].item())
+
+
+def test_bad_generators_are_one_line_errors(generator_dir, tmp_path):
+    with pytest.raises(ConfigError, match="needs model.rleg.generator"):
+        methods.build(load_config(None, ["method=rleg", *SMALL]), _components())
+    with pytest.raises(ConfigError, match="model.rleg.generator"):
+        _rleg(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="trained at 8 px"):
+        _rleg(generator_dir, ["data.resolution=16"])
+    clip_dir = tmp_path / "clip"
+    clip, components = _rleg(generator_dir)
+    cfg = load_config(None, ["method=clip", *SMALL])
+    clip.save_pretrained(clip_dir, components, cfg)
+    with pytest.raises(ConfigError, match="no trained discrimination stream"):
+        _rleg(clip_dir)
+
+
+@pytest.mark.slow
+def test_rleg_trains_on_a_trained_generator_and_is_evaluated(tmp_path, tiny_overrides):
+    from diffdis.cli import zeroshot
+
+    gen_run, out = tmp_path / "gen", tmp_path / "rleg"
+    accelerate(tiny_overrides + [f"train.output_dir={gen_run}", "train.max_steps=2", "train.report_to=none", "zeroshot.steps=2"])
+    accelerate(tiny_overrides + ["method=rleg", f"model.rleg.generator={gen_run / 'model'}", "model.clip.hidden_size=32",
+                                 "model.clip.num_hidden_layers=1", "model.clip.num_attention_heads=2",
+                                 "model.clip.intermediate_size=64", f"train.output_dir={out}", "train.max_steps=2",
+                                 "train.report_to=none", "train.validation_every=2"], num_processes=2)
+    rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert any("train/loss_gen" in r for r in rows)
+    index = json.loads((out / "model" / "zeroshot_index.json").read_text())
+    assert index["_class_name"] == "ClipZeroShotPipeline" and index["method"] == "rleg"
+    assert zeroshot.main([str(out / "model"), "--task", "shape", "--num-samples", "8", "--device", "cpu",
+                          "--out", str(tmp_path / "zs")]) == 0
