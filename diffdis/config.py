@@ -56,8 +56,9 @@ class TextEncoderConfig:
 
 @dataclass
 class ClipConfig:
-    """Image tower of ``method=clip``: a ViT built through transformers' ``CLIPModel`` at ``data.resolution``; the
-    text tower is the run's text encoder (``model.text_encoder``), both projecting to its ``projection_dim``."""
+    """Image tower of ``method=clip`` and ``method=unidiff``: a ViT built through transformers' ``CLIPModel`` at
+    ``data.resolution``; the text tower is the run's text encoder (``model.text_encoder``), both projecting to its
+    ``projection_dim``."""
 
     patch_size: int = 4  # ViT patch side in pixels (data.resolution must be a multiple)
     hidden_size: int = 64
@@ -78,6 +79,21 @@ class RlegConfig:
 
 
 @dataclass
+class OneRConfig:
+    """The single tower of ``method=oner``: one transformer, shared by image patches and text tokens (the run's
+    tokenizer), projecting both to one space (``diffdis.models.single_tower``)."""
+
+    patch_size: int = 4  # image patch side in pixels (data.resolution must be a multiple)
+    hidden_size: int = 64  # width of the shared transformer (a multiple of num_attention_heads)
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256  # MLP width
+    projection_dim: Optional[int] = None  # joint embedding width; None: model.text_encoder.projection_dim
+    logit_scale_init: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
+    logit_scale_max: float = 100.0
+
+
+@dataclass
 class ModelConfig:
     """Which components to build or load, and the shape of the discrimination stream."""
 
@@ -87,8 +103,9 @@ class ModelConfig:
     patch_size: int = 1  # tiny pixel-space models: p > 1 folds p x p pixel patches into channels (the UNet sees 3*p*p channels at resolution/p)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip (and the CLIP model of rleg)
+    clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip (and the CLIP model of rleg and unidiff)
     rleg: RlegConfig = field(default_factory=RlegConfig)  # method=rleg only
+    oner: OneRConfig = field(default_factory=OneRConfig)  # method=oner only
     fusion: str = "joint"  # "joint" (paper) or "one_way" (image tokens never see the text token)
     post_mid_layers: int = 1  # M transformer layers after the mid block
     text_prediction_type: str = "sample"  # the text head predicts e0 ("sample", paper) or noise ("epsilon")
@@ -126,6 +143,17 @@ class LossConfig:
     ita_fraction: float = 1.0  # share of each batch that also takes the discrimination pass (its cost is ~35% of a step)
     ig_fraction: float = 1.0  # share of each batch that takes the generation pass (the discrimination pass sees its own share)
     ita_every: int = 1  # the discrimination pass runs on every k-th step only (whole batch); the others train L_IG alone
+
+
+@dataclass
+class UniDiffConfig:
+    """Loss weights of ``method=unidiff``: L = w_itc * L_ITC + w_is * L_IS + w_rsc * L_RSC (0 removes a loss).
+
+    L_IS takes its options (min-SNR, timesteps, caption dropout, ``ig_fraction``) from the ``loss`` section."""
+
+    weight_itc: float = 1.0  # image-text contrastive between CLIP image and text features
+    weight_is: float = 1.0  # text-to-image diffusion loss of the UNet on CLIP's token states
+    weight_rsc: float = 1.0  # reciprocal semantic consistency: pooled mid-block UNet features <-> CLIP image features
 
 
 @dataclass
@@ -215,13 +243,14 @@ class TrainConfig:
 class Config:
     """The whole run."""
 
-    method: str = "diffdis"  # training method (diffdis.methods.available()): "diffdis", "gen_only" (L_IG alone), "disc_only" (L_ITA alone)
+    method: str = "diffdis"  # training method: "diffdis", "gen_only" (L_IG alone), "disc_only" (L_ITA alone), "clip", "unidiff"
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    unidiff: UniDiffConfig = field(default_factory=UniDiffConfig)  # method=unidiff only
 
 
 _CHOICES = {
@@ -273,6 +302,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"loss.ita_fraction={cfg.loss.ita_fraction} must be in (0, 1]")
     if not 0.0 < cfg.loss.ig_fraction <= 1.0:
         raise ConfigError(f"loss.ig_fraction={cfg.loss.ig_fraction} must be in (0, 1]")
+    w = cfg.unidiff
+    if min(w.weight_itc, w.weight_is, w.weight_rsc) < 0 or w.weight_itc + w.weight_is + w.weight_rsc == 0:
+        raise ConfigError("unidiff.weight_itc, weight_is and weight_rsc must be >= 0, not all 0")
     if cfg.loss.ita_every < 1:
         raise ConfigError(f"loss.ita_every={cfg.loss.ita_every} must be at least 1")
     p = cfg.model.patch_size

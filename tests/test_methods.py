@@ -18,10 +18,10 @@ from diffdis.train.build import Components
 
 
 def test_registry_lists_the_methods_and_refuses_others():
-    assert methods.available() == ["clip", "diffdis", "disc_only", "gen_only", "rleg"]
-    assert methods.get("gen_only") is methods.GenOnlyMethod
+    assert methods.available() == ["clip", "diffdis", "disc_only", "gen_only", "oner", "rleg", "unidiff"]
+    assert methods.get("gen_only") is methods.GenOnlyMethod and methods.get("unidiff") is methods.UniDiffMethod
     with pytest.raises(ValueError, match="not one of"):
-        methods.get("unidiff")
+        methods.get("nope")
     with pytest.raises(ConfigError, match="method='nope'"):
         load_config(None, ["method=nope"])
 

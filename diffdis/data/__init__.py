@@ -1,5 +1,6 @@
-"""Data: the embedded shapes dataset, HF ``datasets`` loading, transforms and the collator."""
+"""Data: the embedded and compositional shapes datasets, HF ``datasets`` loading, transforms and the collator."""
 
+from diffdis.data.compositional import make_compositional_dataset, make_compositional_dataset_dict
 from diffdis.data.embedded import (
     COLOUR_RGB,
     COLOURS,
@@ -32,6 +33,8 @@ __all__ = [
     "decode_image",
     "export_imagefolder",
     "load_image_text_dataset",
+    "make_compositional_dataset",
+    "make_compositional_dataset_dict",
     "make_embedded_dataset",
     "make_embedded_dataset_dict",
     "pick_caption",

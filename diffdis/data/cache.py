@@ -33,6 +33,7 @@ import datasets
 import numpy as np
 import torch
 
+from diffdis.data.loading import PROCEDURAL_DATASETS
 from diffdis.data.transforms import caption_options
 
 logger = logging.getLogger("diffdis.data")
@@ -111,6 +112,7 @@ def data_source(data_cfg: Any) -> dict[str, Any]:
         return os.path.abspath(value) if value and os.path.exists(value) else value
 
     files = list(data_cfg.data_files) if data_cfg.data_files else None
+    procedural = data_cfg.name in PROCEDURAL_DATASETS  # drawn from the seed: its size and seed pick the examples
     return {
         "name": _path(data_cfg.name),
         "split": data_cfg.split,
@@ -118,8 +120,8 @@ def data_source(data_cfg: Any) -> dict[str, Any]:
         "caption_column": data_cfg.caption_column,
         "data_dir": _path(data_cfg.data_dir),
         "data_files": [_path(f) for f in files] if files else None,
-        "num_train_samples": data_cfg.num_train_samples if data_cfg.name == "embedded" else None,
-        "seed": data_cfg.seed if data_cfg.name == "embedded" else None,
+        "num_train_samples": data_cfg.num_train_samples if procedural else None,
+        "seed": data_cfg.seed if procedural else None,
     }
 
 

@@ -66,10 +66,10 @@ NUM_PHRASINGS: int = len(_PHRASINGS)
 SPLIT_SIZES: dict[str, int] = {"train": 20000, "validation": 1000, "test": 1000}
 # Fixed stream index per split, so splits never share random numbers.
 _SPLIT_STREAM: dict[str, int] = {"train": 0, "validation": 1, "test": 2}
-_SUPERSAMPLE = 4
+SUPERSAMPLE = 4  # drawing canvas / output side
 
 
-def _name(values: tuple[str, ...], value: str | int, kind: str) -> str:
+def attribute_name(values: tuple[str, ...], value: str | int, kind: str) -> str:
     """Return the attribute name for a name or an id, checking it is valid."""
     if isinstance(value, (int, np.integer)):
         if not 0 <= int(value) < len(values):
@@ -85,11 +85,11 @@ def caption_for(shape: str, colour: str, size: str, position: str, phrasing: int
     if not 0 <= phrasing < NUM_PHRASINGS:
         raise ValueError(f"phrasing {phrasing} out of range 0..{NUM_PHRASINGS - 1}")
     return _PHRASINGS[phrasing].format(
-        shape=_name(SHAPES, shape, "shape"),
-        colour=_name(COLOURS, colour, "colour"),
-        size=_name(SIZES, size, "size"),
-        position=_name(POSITIONS, position, "position"),
-        where=_POSITION_PHRASE[_name(POSITIONS, position, "position")],
+        shape=attribute_name(SHAPES, shape, "shape"),
+        colour=attribute_name(COLOURS, colour, "colour"),
+        size=attribute_name(SIZES, size, "size"),
+        position=attribute_name(POSITIONS, position, "position"),
+        where=_POSITION_PHRASE[attribute_name(POSITIONS, position, "position")],
     )
 
 
@@ -112,16 +112,16 @@ def class_prompt(
     """
     words = ["a"]
     if size is not None:
-        words.append(_name(SIZES, size, "size"))
+        words.append(attribute_name(SIZES, size, "size"))
     if colour is not None:
-        words.append(_name(COLOURS, colour, "colour"))
-    words.append(_name(SHAPES, shape, "shape") if shape is not None else "shape")
+        words.append(attribute_name(COLOURS, colour, "colour"))
+    words.append(attribute_name(SHAPES, shape, "shape") if shape is not None else "shape")
     if position is not None:
-        words.append(_POSITION_PHRASE[_name(POSITIONS, position, "position")])
+        words.append(_POSITION_PHRASE[attribute_name(POSITIONS, position, "position")])
     return " ".join(words)
 
 
-def _draw_shape_mask(shape: str, cx: float, cy: float, half: float, side: int) -> Image.Image:
+def draw_shape_mask(shape: str, cx: float, cy: float, half: float, side: int) -> Image.Image:
     """Binary mask ("L", 0/255) of a shape centred at (cx, cy) with bounding half-width ``half``."""
     mask = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask)
@@ -168,9 +168,9 @@ def render_image(
             ``None`` uses a fixed seed.
     """
     rng = np.random.default_rng(0) if rng is None else rng
-    shape, colour = _name(SHAPES, shape, "shape"), _name(COLOURS, colour, "colour")
-    size_id = SIZES.index(_name(SIZES, size, "size"))
-    dx, dy = _POSITION_DIRECTION[_name(POSITIONS, position, "position")]
+    shape, colour = attribute_name(SHAPES, shape, "shape"), attribute_name(COLOURS, colour, "colour")
+    size_id = SIZES.index(attribute_name(SIZES, size, "size"))
+    dx, dy = _POSITION_DIRECTION[attribute_name(POSITIONS, position, "position")]
     # The jitter is always drawn in this order, so one rng gives one reproducible stream.
     jitter_xy = rng.uniform(-0.025, 0.025, size=2)
     scale = rng.uniform(0.93, 1.07)
@@ -179,26 +179,50 @@ def render_image(
     background = rng.uniform(0.0, 18.0)
     noise = rng.normal(0.0, 3.0, size=(resolution, resolution, 3))
 
-    side = resolution * _SUPERSAMPLE
+    side = resolution * SUPERSAMPLE
     shift = _POSITION_SHIFT[size_id]
     cx = side * (0.5 + dx * shift + jitter_xy[0])
     cy = side * (0.5 + dy * shift + jitter_xy[1])
     half = 0.5 * side * SIZE_FRACTION[size_id] * scale
-    mask = _draw_shape_mask(shape, cx, cy, half, side).resize((resolution, resolution), Image.BOX)
-    cover = np.asarray(mask, dtype=np.float32)[..., None] / 255.0  # (H, W, 1) coverage
+    cover = shape_coverage(shape, cx, cy, half, resolution)
+    return composite(background, [(cover, shape_rgb(colour, brightness, hue_shift))], noise)
 
-    rgb = np.asarray(COLOUR_RGB[COLOURS.index(colour)], dtype=np.float64) * brightness + hue_shift
-    pixels = background * (1.0 - cover) + rgb * cover + noise
+
+def shape_coverage(shape: str, cx: float, cy: float, half: float, resolution: int) -> np.ndarray:
+    """Coverage (H, W, 1) in [0, 1] of a shape drawn on the ``SUPERSAMPLE``x canvas and box-downsampled.
+
+    ``cx``, ``cy`` (centre) and ``half`` (bounding half-width) are in canvas pixels, i.e. output pixels
+    times ``SUPERSAMPLE``.
+    """
+    side = resolution * SUPERSAMPLE
+    mask = draw_shape_mask(shape, cx, cy, half, side).resize((resolution, resolution), Image.BOX)
+    return np.asarray(mask, dtype=np.float32)[..., None] / 255.0  # (H, W, 1) coverage
+
+
+def shape_rgb(colour: str, brightness: float, hue_shift: np.ndarray) -> np.ndarray:
+    """Rendered RGB (3,) of a colour name: its nominal RGB scaled by ``brightness`` plus ``hue_shift``."""
+    return np.asarray(COLOUR_RGB[COLOURS.index(colour)], dtype=np.float64) * brightness + hue_shift
+
+
+def composite(
+    background: float, layers: Sequence[tuple[np.ndarray, np.ndarray]], noise: np.ndarray
+) -> Image.Image:
+    """Paint non-overlapping shapes ``(coverage (H, W, 1), rgb (3,))`` over a flat ``background`` plus ``noise``."""
+    cover = sum(c for c, _ in layers)
+    paint = sum(rgb * c for c, rgb in layers)
+    pixels = background * (1.0 - cover) + paint + noise
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
 
 
-def _split_rng(split: str, seed: int) -> np.random.Generator:
+def split_rng(split: str, seed: int, *streams: int) -> np.random.Generator:
+    """The random stream of one split; ``streams`` name sub-streams of it (another dataset, a kind of image)."""
     if split not in _SPLIT_STREAM:
         raise ValueError(f"unknown split {split!r}; expected one of {tuple(_SPLIT_STREAM)}")
-    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAM[split]]))
+    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAM[split], *streams]))
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
+    """PNG bytes of an image (fast compression: the images are tiny)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
@@ -242,7 +266,7 @@ def make_embedded_dataset(
         A Dataset with columns image, caption (one phrasing), captions (all phrasings),
         shape, colour, size, position (str) and shape_id, colour_id, size_id, position_id (int).
     """
-    rng = _split_rng(split, seed)
+    rng = split_rng(split, seed)
     n = SPLIT_SIZES[split] if num_samples is None else int(num_samples)
     combos = [
         (s, c, z, p)
@@ -261,7 +285,7 @@ def make_embedded_dataset(
         captions = all_captions(*names)
         phrasing = int(rng.integers(NUM_PHRASINGS))
         image = render_image(*names, resolution=resolution, rng=rng)
-        columns["image"].append({"bytes": _png_bytes(image), "path": None})
+        columns["image"].append({"bytes": png_bytes(image), "path": None})
         columns["caption"].append(captions[phrasing])
         columns["captions"].append(captions)
         for key, name, idx in zip(("shape", "colour", "size", "position"), names, ids):
@@ -286,7 +310,7 @@ def make_embedded_dataset_dict(
 def _image_bytes(value: object) -> bytes:
     """PNG/JPEG bytes of a datasets image value (PIL image or {"bytes", "path"} dict)."""
     if isinstance(value, Image.Image):
-        return _png_bytes(value)
+        return png_bytes(value)
     if isinstance(value, dict) and value.get("bytes") is not None:
         return value["bytes"]
     if isinstance(value, dict) and value.get("path"):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import datasets
 
+from diffdis.data.compositional import make_compositional_dataset
 from diffdis.data.embedded import make_embedded_dataset
 
 logger = logging.getLogger("diffdis.data")
@@ -23,6 +24,8 @@ _CAPTION_ALIASES: tuple[str, ...] = ("text", "caption", "txt", "captions")
 _DEFAULT_IMAGE_COLUMN = "image"
 _DEFAULT_CAPTION_COLUMN = "text"
 _METADATA_FILES: tuple[str, ...] = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+# Datasets drawn in memory from (split, num_samples, resolution, seed); their caption column is "caption".
+PROCEDURAL_DATASETS: tuple[str, ...] = ("embedded", "compositional")
 
 
 def _has_metadata(folder: str) -> bool:
@@ -156,8 +159,8 @@ def load_image_text_dataset(
     """Load an image-text dataset with its columns renamed to "image" and "caption".
 
     Args:
-        name: "embedded" (the procedural shapes data; ``resolution`` and ``seed`` apply, its
-            caption column is always "caption"); a local folder with ``metadata.jsonl`` /
+        name: "embedded" or "compositional" (the procedural shapes data; ``resolution`` and ``seed``
+            apply, the caption column is always "caption"); a local folder with ``metadata.jsonl`` /
             ``.csv`` (or "imagefolder" with ``data_dir``); "webdataset" with ``data_files``
             (.tar shards, always streamed); anything else goes to ``datasets.load_dataset``
             (hub id, local script or packaged builder).
@@ -178,8 +181,9 @@ def load_image_text_dataset(
         ValueError: a column is missing (the message lists the columns that exist), or a
             metadata file of a local folder has no records (the message names it).
     """
-    if name == "embedded":
-        dataset: AnyDataset = make_embedded_dataset(split, num_samples, resolution, seed)
+    if name in PROCEDURAL_DATASETS:
+        make = make_embedded_dataset if name == "embedded" else make_compositional_dataset
+        dataset: AnyDataset = make(split, num_samples, resolution, seed)
         caption_column = "caption"
         if streaming:
             dataset = dataset.to_iterable_dataset()

@@ -26,6 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import compositional
 from . import zeroshot as zs
 from .fid import FeatureExtractor, inception_extractor, reference_extractor
 from .reference import AttributeClassifier, default_cache_dir, load_or_train_reference_classifier
@@ -224,10 +225,11 @@ def zero_shot(
             ensemble = settings.ensemble if settings.ensemble != "auto" else zs.task_ensemble(name)
             weights = zs.build_zero_shot_classifier(model.encode_text, task.classnames, task.templates,
                                                     ensemble=ensemble)  # (d, C) or (d, C, T)
-            metrics = zs.evaluate_zero_shot(features, task.labels, weights)
+            logits = zs.class_logits(features, weights)  # (N, C)
         else:
             logits = _diffusion_classifier_logits(model, task, images, settings, accelerator, progress)  # (N, C)
-            metrics = zs.evaluate_zero_shot(logits, task.labels)
+        metrics = zs.evaluate_zero_shot(logits, task.labels)
+        metrics.update(compositional.task_metrics(name, logits, task.labels))  # relation: pair accuracy
         results[name] = {"task": "zeroshot_classification", "metrics": metrics, "chance": 1.0 / len(task.classnames),
                          "ensemble": ensemble, "num_classes": len(task.classnames), "classnames": task.classnames,
                          "templates": task.templates}

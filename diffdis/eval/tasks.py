@@ -174,6 +174,11 @@ def load_zero_shot_tasks(
             raise EvaluationError("the dataset is empty")
         tasks = {n: ZeroShotTask(zs.embedded_labels(data, n), *zs.load_task(n)) for n in names}
         return DatasetImages(data, "image", resolution), tasks
+    if dataset == "compositional":  # tasks of diffdis.eval.compositional.COMPOSITIONAL_TASKS, each on its own images
+        from .compositional import load_compositional_tasks
+
+        data, tasks = load_compositional_tasks(task, chosen_split, num_samples, resolution)
+        return DatasetImages(data, "image", resolution), tasks
     data = _load_hf_dataset(dataset, chosen_split)
     if num_samples is not None:
         data = data.select(range(min(num_samples, len(data))))

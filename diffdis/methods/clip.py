@@ -23,7 +23,7 @@ def build_clip(cfg, text_encoder: CLIPTextModelWithProjection) -> CLIPModel:
     """A ``CLIPModel`` whose vision tower follows ``model.clip`` and whose text tower is a copy of ``text_encoder``."""
     c, side = cfg.model.clip, cfg.data.resolution
     if not isinstance(text_encoder, CLIPTextModelWithProjection):
-        raise ConfigError("method=clip needs a text encoder with a projection (the tiny text tower; not model.pretrained)")
+        raise ConfigError(f"method={cfg.method} needs a text encoder with a projection (the tiny text tower; not model.pretrained)")
     if side % c.patch_size:
         raise ConfigError(f"data.resolution={side} must be a multiple of model.clip.patch_size={c.patch_size}")
     text_config = text_encoder.config

@@ -138,6 +138,17 @@ def encode_text(text_encoder, input_ids: torch.Tensor) -> Tuple[torch.Tensor, to
     return context, F.normalize(pooled.float(), dim=-1)  # (B, d_e)
 
 
+def encode_latents(vae: Optional[ModelMixin], pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> the scaled training latents (B, C, h, w) of a frozen ``vae`` (no gradient; a
+    sample of a stochastic posterior drawn from ``generator``); the pixels themselves without a VAE."""
+    if vae is None:
+        return pixel_values  # pixel space
+    with torch.no_grad():
+        dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+        z = dist.mode() if dist.deterministic else dist.sample(generator=generator)  # (B, C, h, w)
+        return (z * vae.config.scaling_factor).float()
+
+
 def load_vae(path: str, revision: Optional[str] = None) -> AutoencoderKL:
     """Load the SD VAE (``vae/`` subfolder)."""
     try:

@@ -3,6 +3,8 @@
 :class:`ClipZeroShotPipeline` is what ``method=clip`` saves as its model folder (``zeroshot_index.json`` with a
 ``clip/`` ``CLIPModel`` and a ``tokenizer/``): the discriminative reference of every comparison, scored through the
 same evaluation API as the DiffDis pipeline (``encode_images``, ``encode_text``, ``discriminates``, ``resolution``).
+``method=unidiff`` saves it too, beside a text-to-image ``DiffDisPipeline`` (``model_index.json``) in the same folder,
+and records ``generates=True`` so that FID and prompt adherence are scored on that pipeline.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ class ClipZeroShotPipeline(CustomComponentsPipeline):
         image_mean, image_std: per-channel normalisation (None: 0.5, which keeps pixels in [-1, 1], as a CLIP
             trained here sees them; a pretrained OpenAI CLIP uses its own).
         method: the training method (a record; read by :func:`diffdis.eval.api.applicable`).
-        classifier, generates: what :func:`diffdis.eval.api.applicable` reads; always features, never generation.
+        classifier: what :func:`diffdis.eval.api.applicable` reads; always features (``"text_query"``).
+        generates: whether the model folder also holds a text-to-image ``DiffDisPipeline`` (``model_index.json``,
+            ``method=unidiff``), read by :func:`diffdis.eval.api.applicable`; this pipeline itself never generates.
     """
 
     config_name = INDEX_NAME
@@ -72,12 +76,12 @@ class ClipZeroShotPipeline(CustomComponentsPipeline):
         generates: bool = False,
     ) -> None:
         super().__init__()
-        if classifier != "text_query" or generates:
-            raise ValueError("a CLIP pipeline classifies by features (classifier='text_query') and does not generate")
+        if classifier != "text_query":
+            raise ValueError("a CLIP pipeline classifies by features (classifier='text_query')")
         self.register_modules(clip=clip, tokenizer=tokenizer)
         self.register_to_config(
             resolution=int(resolution or clip.config.vision_config.image_size), image_mean=list(image_mean or [0.5] * 3),
-            image_std=list(image_std or [0.5] * 3), method=method, classifier=classifier, generates=False,
+            image_std=list(image_std or [0.5] * 3), method=method, classifier=classifier, generates=bool(generates),
         )
 
     @property

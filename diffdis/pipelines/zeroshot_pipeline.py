@@ -235,14 +235,15 @@ def pil_to_pixels(images: Union[Image.Image, Sequence[Image.Image]], side: int) 
 
 def _pipeline_classes() -> dict:
     from .clip_pipeline import ClipZeroShotPipeline
+    from .oner_pipeline import OneRZeroShotPipeline
 
-    return {cls.__name__: cls for cls in (DiffDisZeroShotPipeline, ClipZeroShotPipeline)}
+    return {cls.__name__: cls for cls in (DiffDisZeroShotPipeline, ClipZeroShotPipeline, OneRZeroShotPipeline)}
 
 
 def load_zero_shot_pipeline(folder: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
                             dtype: torch.dtype = torch.float32):
     """Load the zero-shot pipeline of a model folder (the class its ``zeroshot_index.json`` names: the DiffDis
-    pipeline, or the CLIP one of ``method=clip``), in eval mode on ``device``.
+    pipeline, the CLIP one of ``method=clip`` or the OneR one of ``method=oner``), in eval mode on ``device``.
 
     Raises:
         ZeroShotModelError: the folder is not a model folder or has no ``zeroshot_index.json``.

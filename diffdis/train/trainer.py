@@ -30,6 +30,7 @@ from .. import methods
 from ..config import save_config
 from ..data.replacing import DataError, ExampleStream, ReplacingDataset, StreamPosition
 from ..data.transforms import choose_captions, tokenize
+from ..models.components import encode_latents
 from ..utils.distributed import new_accelerator
 from .build import build_components, build_optimizer, caption_corpus, load_split, make_collator
 from .checkpoint import Counter, GeneratorState, PerProcessState, read_step, register_hooks, resolve_resume, save_checkpoint
@@ -89,13 +90,7 @@ def batch_latents(batch: dict, vae, generator: torch.Generator, device) -> torch
     return sample_latents(mean, std, vae.config.scaling_factor, generator, deterministic=bool(batch["deterministic"]))
 
 
-def _to_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    if vae is None:
-        return pixel_values  # pixel space
-    with torch.no_grad():
-        dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
-        z = dist.mode() if dist.deterministic else dist.sample(generator=generator)  # (B, C, h, w)
-        return (z * vae.config.scaling_factor).float()
+_to_latents = encode_latents  # the training latents of a batch's pixels (also encoded inside method=unidiff)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,120 @@
+"""OneR: one transformer with shared weights encodes images and captions, trained with a symmetric InfoNCE loss.
+
+OneR (Kong et al., "Unifying Vision-Language Representation Space with Single-tower Transformer", AAAI 2023)
+treats an image and its caption as two views of the same content and learns one modality-agnostic space with a
+single tower. The model is a :class:`~diffdis.models.single_tower.SingleTowerModel` built from ``model.oner`` at
+``data.resolution``, over the run's tokenizer (its own token embedding; the run's text encoder is not used). It
+reads pixels, not latents, never generates, and saves itself as a
+:class:`~diffdis.pipelines.oner_pipeline.OneRZeroShotPipeline`.
+
+The loss is the cross-modal contrastive term only (image vs caption of the same pair, learnable temperature).
+Where our reading fills gaps of the paper (not available offline): no additional objective (no intra-modal
+contrast or masked modelling), the pooled feature is a shared [CLS] token, and one linear projection serves both
+modalities; see :mod:`diffdis.models.single_tower` for the tower's own choices.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from ..config import ConfigError
+from ..losses import contrastive_loss, gather_with_grad, scale_gradient
+from ..models.single_tower import SingleTowerConfig, SingleTowerModel
+from ..pipelines.oner_pipeline import OneRZeroShotPipeline
+from .base import Method, register
+
+MAX_TEXT_POSITIONS = 4096  # beyond this, the tokenizer's model_max_length is taken to be unset
+
+
+def build_single_tower(cfg, tokenizer) -> SingleTowerModel:
+    """A :class:`SingleTowerModel` shaped by ``model.oner`` for ``data.resolution`` images and ``tokenizer``'s text."""
+    o, side = cfg.model.oner, cfg.data.resolution
+    if side % o.patch_size:
+        raise ConfigError(f"data.resolution={side} must be a multiple of model.oner.patch_size={o.patch_size}")
+    if o.hidden_size % o.num_attention_heads:
+        raise ConfigError(f"model.oner.hidden_size={o.hidden_size} must be a multiple of "
+                          f"model.oner.num_attention_heads={o.num_attention_heads}")
+    max_length = tokenizer.model_max_length
+    if max_length > MAX_TEXT_POSITIONS:
+        raise ConfigError(f"method=oner needs a tokenizer with a model_max_length (it has {max_length})")
+    config = SingleTowerConfig(
+        vocab_size=len(tokenizer), max_text_length=max_length, pad_token_id=tokenizer.pad_token_id,
+        image_size=side, patch_size=o.patch_size, hidden_size=o.hidden_size, num_hidden_layers=o.num_hidden_layers,
+        num_attention_heads=o.num_attention_heads, intermediate_size=o.intermediate_size,
+        projection_dim=o.projection_dim or cfg.model.text_encoder.projection_dim, logit_scale_init=o.logit_scale_init,
+    )
+    return SingleTowerModel(config)
+
+
+@register("oner")
+class OneRMethod(Method):
+    """L = symmetric InfoNCE between the image and text features of one shared tower (``loss_itc``).
+
+    ``forward(pixels, input_ids, empty_ids, generator, gather=True, step=None)`` takes pixel values in [-1, 1]
+    (``input_space = "pixels"``); ``empty_ids``, ``generator`` and ``step`` are unused (the loss is deterministic).
+    """
+
+    input_space = "pixels"
+
+    def __init__(self, tower: SingleTowerModel, logit_scale_max: float = 100.0):
+        super().__init__()
+        self.tower = tower
+        self.logit_scale_max = logit_scale_max
+        self.options = None
+
+    @classmethod
+    def from_config(cls, cfg, components) -> "OneRMethod":
+        if cfg.data.cache_dir:
+            raise ConfigError("method=oner reads pixels: data.cache_dir (a latent cache) does not apply")
+        for unused in (components.unet, components.vae, components.text_encoder):
+            if unused is not None:
+                unused.requires_grad_(False)  # not part of this method: the tower embeds the tokens itself
+        return cls(build_single_tower(cfg, components.tokenizer), cfg.model.oner.logit_scale_max)
+
+    @classmethod
+    def trains_generation(cls, loss) -> bool:
+        return False
+
+    @classmethod
+    def trains_discrimination(cls, loss) -> bool:
+        return True
+
+    def loss_keys(self) -> List[str]:
+        return ["loss", "loss_itc", "acc_i2t", "acc_t2i"]
+
+    def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor, generator: torch.Generator,
+                gather: bool = True, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        pixels = latents  # (B, 3, R, R) in [-1, 1]: this method's input space is pixels
+        image = self.tower.encode_image(pixels)  # (B, d), through the shared transformer
+        text = self.tower.encode_text(input_ids)  # (B, d), through the same transformer
+        scale = self.tower.logit_scale.exp().clamp(max=self.logit_scale_max)
+        distributed = gather and torch.distributed.is_available() and torch.distributed.is_initialized()
+        itc = contrastive_loss(image, text, scale, gather=gather_with_grad if distributed else None)
+        world = torch.distributed.get_world_size() if distributed else 1  # see DiffDisMethod.discrimination_loss
+        loss = scale_gradient(itc["loss"], world)
+        return {"loss": loss, "loss_itc": loss, "acc_i2t": itc["acc_i2t"], "acc_t2i": itc["acc_t2i"],
+                "logit_scale": scale.detach()}
+
+    # ------------------------------------------------------------------ training set-up
+    def param_groups(self, cfg) -> List[dict]:
+        return [{"params": [p for p in self.tower.parameters() if p.requires_grad], "lr": cfg.train.learning_rate}]
+
+    def checkpoint_modules(self) -> Dict[str, torch.nn.Module]:
+        return {"tower": self.tower}
+
+    def configure_speed(self, cfg) -> None:
+        if cfg.model.gradient_checkpointing:
+            self.tower.activation_checkpointing_enable()
+
+    # ------------------------------------------------------------------ inference
+    def text_to_image_pipeline(self, components, scheduler=None):
+        raise ValueError("method=oner does not generate images")
+
+    def zero_shot_pipeline(self, components, cfg) -> OneRZeroShotPipeline:
+        return OneRZeroShotPipeline(tower=self.tower, tokenizer=components.tokenizer, resolution=cfg.data.resolution,
+                                    method=self.name)
+
+    def save_pretrained(self, folder, components, cfg) -> None:
+        self.zero_shot_pipeline(components, cfg).save_pretrained(folder)
