@@ -50,7 +50,7 @@ def contrastive_loss(
         gather: optional all-gather that keeps the gradient of the local slice (open_clip's default): every
             process then computes the loss of the whole gathered batch, and its own features get exactly
             their share of the full-batch gradient. Data-parallel training averages gradients over the W
-            processes, so the caller scales this loss's gradient by W (see ``DiffDisMethod.discrimination_loss``).
+            processes, so the caller scales this loss's gradient by W (:func:`data_parallel_contrastive_loss`).
 
     Returns:
         ``{"loss", "acc_i2t", "acc_t2i"}`` over the whole (gathered) batch.
@@ -93,3 +93,18 @@ def total_loss(loss_ig: torch.Tensor, loss_ita: Optional[torch.Tensor], lambda_i
         out["loss_ita"] = loss_ita
         out["loss"] = loss_ig + lambda_ita * loss_ita
     return out
+
+
+def data_parallel_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                                   gather: bool = True) -> Dict[str, torch.Tensor]:
+    """:func:`contrastive_loss` over the batch gathered from every process (when ``gather`` and a process group is
+    up), its ``loss`` gradient scaled by the number of processes W: each process holds the whole batch's gradient
+    for its own features and DDP averages over processes, so W x the gradient makes the average equal one process
+    on the whole batch. The loss value is unchanged."""
+    import torch.distributed as dist
+
+    distributed = gather and dist.is_available() and dist.is_initialized()
+    out = contrastive_loss(image_features, text_features, logit_scale, gather=gather_with_grad if distributed else None)
+    out["loss"] = scale_gradient(out["loss"], dist.get_world_size() if distributed else 1)
+    return out
+

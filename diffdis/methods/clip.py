@@ -14,7 +14,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPVisionConfig
 
 from ..config import ConfigError
-from ..losses import contrastive_loss, gather_with_grad, scale_gradient
+from ..losses import data_parallel_contrastive_loss
 from ..pipelines.clip_pipeline import ClipZeroShotPipeline, clip_vision_inputs
 from .base import Method, register
 
@@ -82,10 +82,8 @@ class ClipMethod(Method):
         image = self.clip.get_image_features(pixel_values=clip_vision_inputs(self.clip, pixels)).pooler_output  # (B, d)
         text = self.clip.get_text_features(input_ids=input_ids).pooler_output  # (B, d)
         scale = self.clip.logit_scale.exp().clamp(max=self.logit_scale_max)
-        distributed = gather and torch.distributed.is_available() and torch.distributed.is_initialized()
-        itc = contrastive_loss(image, text, scale, gather=gather_with_grad if distributed else None)
-        world = torch.distributed.get_world_size() if distributed else 1  # see DiffDisMethod.discrimination_loss
-        loss = scale_gradient(itc["loss"], world)
+        itc = data_parallel_contrastive_loss(image, text, scale, gather)
+        loss = itc["loss"]
         return {"loss": loss, "loss_itc": loss, "acc_i2t": itc["acc_i2t"], "acc_t2i": itc["acc_t2i"],
                 "logit_scale": scale.detach()}
 

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from ..config import LossConfig
-from ..losses import contrastive_loss, gather_with_grad, image_generation_loss, scale_gradient, total_loss
+from ..losses import data_parallel_contrastive_loss, image_generation_loss, total_loss
 from ..models.components import encode_text
 from ..models.dual_stream_unet import DualStreamUNet
 from ..schedule import text_forward, text_x0_from_eps
@@ -150,10 +150,6 @@ class DiffDisMethod(Method):
         if self.unet.config.text_prediction_type == "epsilon":
             pred_e = text_x0_from_eps(e_t, pred_e, t_e, self.alphas_cumprod, opt.text_scale)
         scale = self.unet.logit_scale.exp().clamp(max=opt.logit_scale_max)
-        distributed = gather and torch.distributed.is_available() and torch.distributed.is_initialized()
-        ita = contrastive_loss(pred_e, query, scale, gather=gather_with_grad if distributed else None)
-        # each of the W processes has the whole batch's gradient for its own features and DDP averages the
-        # gradients over processes: W x the gradient makes the average equal one process on the whole batch
-        world = torch.distributed.get_world_size() if distributed else 1
-        return {"loss": scale_gradient(ita["loss"], world), "acc_i2t": ita["acc_i2t"], "acc_t2i": ita["acc_t2i"],
+        ita = data_parallel_contrastive_loss(pred_e, query, scale, gather)
+        return {"loss": ita["loss"], "acc_i2t": ita["acc_i2t"], "acc_t2i": ita["acc_t2i"],
                 "logit_scale": scale.detach()}

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import ConfigError
-from ..losses import contrastive_loss, gather_with_grad, scale_gradient
+from ..losses import data_parallel_contrastive_loss
 from ..models.single_tower import SingleTowerConfig, SingleTowerModel
 from ..pipelines.oner_pipeline import OneRZeroShotPipeline
 from .base import Method, register
@@ -90,10 +90,8 @@ class OneRMethod(Method):
         image = self.tower.encode_image(pixels)  # (B, d), through the shared transformer
         text = self.tower.encode_text(input_ids)  # (B, d), through the same transformer
         scale = self.tower.logit_scale.exp().clamp(max=self.logit_scale_max)
-        distributed = gather and torch.distributed.is_available() and torch.distributed.is_initialized()
-        itc = contrastive_loss(image, text, scale, gather=gather_with_grad if distributed else None)
-        world = torch.distributed.get_world_size() if distributed else 1  # see DiffDisMethod.discrimination_loss
-        loss = scale_gradient(itc["loss"], world)
+        itc = data_parallel_contrastive_loss(image, text, scale, gather)
+        loss = itc["loss"]
         return {"loss": loss, "loss_itc": loss, "acc_i2t": itc["acc_i2t"], "acc_t2i": itc["acc_t2i"],
                 "logit_scale": scale.detach()}
 

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..config import ConfigError
-from ..losses import contrastive_loss, gather_with_grad, scale_gradient
+from ..losses import data_parallel_contrastive_loss
 from ..pipelines.clip_pipeline import clip_vision_inputs
 from ..pipelines.zeroshot import ZeroShotModelError
 from ..pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline, load_zero_shot_pipeline
@@ -93,11 +93,8 @@ class RlegMethod(ClipMethod):
         text = self.clip.get_text_features(input_ids=input_ids).pooler_output  # (B, d)
         made = self.generated(pixels, generator).to(image.dtype)  # (B, d), no gradient
         scale = self.clip.logit_scale.exp().clamp(max=self.logit_scale_max)
-        distributed = gather and torch.distributed.is_available() and torch.distributed.is_initialized()
-        gather_fn = gather_with_grad if distributed else None
-        itc = contrastive_loss(image, text, scale, gather=gather_fn)
-        gen = contrastive_loss(image, made, scale, gather=gather_fn)
-        world = torch.distributed.get_world_size() if distributed else 1  # see DiffDisMethod.discrimination_loss
-        loss = scale_gradient(itc["loss"] + self.weight * gen["loss"], world)
+        itc = data_parallel_contrastive_loss(image, text, scale, gather)
+        gen = data_parallel_contrastive_loss(image, made, scale, gather)
+        loss = itc["loss"] + self.weight * gen["loss"]
         return {"loss": loss, "loss_itc": itc["loss"].detach(), "loss_gen": gen["loss"].detach(), "acc_i2t": itc["acc_i2t"],
                 "acc_t2i": itc["acc_t2i"], "logit_scale": scale.detach()}

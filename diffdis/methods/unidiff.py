@@ -47,7 +47,7 @@ from torch import nn
 from transformers import CLIPModel, CLIPTextModelWithProjection
 
 from ..config import ConfigError
-from ..losses import contrastive_loss, gather_with_grad, scale_gradient
+from ..losses import data_parallel_contrastive_loss
 from ..models.components import encode_latents
 from ..pipelines.clip_pipeline import ClipZeroShotPipeline, clip_vision_inputs
 from .base import register
@@ -188,12 +188,9 @@ class UniDiffMethod(DiffDisMethod):
     def _contrast(self, a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor,
                   gather: bool) -> Dict[str, torch.Tensor]:
         """Symmetric InfoNCE of paired features (n, d), gathered across processes when ``gather``; its gradient scaled
-        by the number of processes (see :meth:`DiffDisMethod.discrimination_loss`)."""
+        by the number of processes (:func:`~diffdis.losses.data_parallel_contrastive_loss`)."""
         scale = log_scale.exp().clamp(max=self.logit_scale_max)
-        distributed = gather and torch.distributed.is_available() and torch.distributed.is_initialized()
-        res = contrastive_loss(a, b, scale, gather=gather_with_grad if distributed else None)
-        world = torch.distributed.get_world_size() if distributed else 1
-        return {**res, "loss": scale_gradient(res["loss"], world), "scale": scale.detach()}
+        return {**data_parallel_contrastive_loss(a, b, scale, gather), "scale": scale.detach()}
 
     # ------------------------------------------------------------------ training set-up
     def param_groups(self, cfg) -> List[dict]:
