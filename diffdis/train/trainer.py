@@ -223,7 +223,7 @@ class Run:
     val_batches: List[dict] = field(default_factory=list)
     evaluator: Optional[TrainingEvaluator] = None
     global_step: int = 0
-    loop_seconds: float = 0.0  # wall-clock of this process's training loop (this session: not before a resume)
+    loop_seconds: float = 0.0  # wall-clock of this process's training loop (this run only: not before a resume)
     loop_steps: int = 0  # optimiser steps that loop ran
 
 
