@@ -79,6 +79,24 @@ class RlegConfig:
 
 
 @dataclass
+class PriorConfig:
+    """``method=prior``: a small diffusion prior that generates a CLIP image embedding from a caption (DALL-E 2's
+    prior: x0 prediction), trained on the embeddings of a frozen, trained CLIP model."""
+
+    clip: Optional[str] = None  # a trained CLIP model folder (<output_dir>/model of method=clip, rleg or unidiff), frozen: the space the prior learns
+    hidden_size: int = 128  # width of the denoiser (a transformer over [caption, timestep, noisy embedding, query] tokens)
+    num_layers: int = 2  # transformer layers
+    num_attention_heads: int = 4  # must divide hidden_size
+    intermediate_size: int = 512  # MLP width of each layer
+    embedding_scale: Optional[float] = None  # the diffusion variable is this x the unit-norm image embedding (None: sqrt(d), unit variance per coordinate)
+    num_train_timesteps: int = 1000  # forward process (a diffusers DDPMScheduler; x0 prediction)
+    beta_schedule: str = "squaredcos_cap_v2"
+    p_uncond: float = 0.1  # caption dropout (a learned null token) for classifier-free guidance
+    steps: int = 25  # default DDIM steps of sampling, saved in the model folder
+    guidance: float = 1.0  # default guidance g of sampling (u + g(c - u); <= 1: unguided), saved in the model folder
+
+
+@dataclass
 class OneRConfig:
     """The single tower of ``method=oner``: one transformer, shared by image patches and text tokens (the run's
     tokenizer), projecting both to one space (``diffdis.models.single_tower``)."""
@@ -105,6 +123,7 @@ class ModelConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)  # method=clip (and the CLIP model of rleg and unidiff)
     rleg: RlegConfig = field(default_factory=RlegConfig)  # method=rleg only
+    prior: PriorConfig = field(default_factory=PriorConfig)  # method=prior only
     oner: OneRConfig = field(default_factory=OneRConfig)  # method=oner only
     fusion: str = "joint"  # "joint" (paper) or "one_way" (image tokens never see the text token)
     post_mid_layers: int = 1  # M transformer layers after the mid block
@@ -243,7 +262,7 @@ class TrainConfig:
 class Config:
     """The whole run."""
 
-    method: str = "diffdis"  # training method: "diffdis", "gen_only" (L_IG alone), "disc_only" (L_ITA alone), "clip", "unidiff"
+    method: str = "diffdis"  # training method: diffdis, gen_only, disc_only, clip, unidiff, rleg, oner or prior
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loss: LossConfig = field(default_factory=LossConfig)

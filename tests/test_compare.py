@@ -65,7 +65,8 @@ def test_default_arms_are_the_registered_methods():
     from diffdis.methods import available
 
     arms = default_arms()
-    assert [a.name for a in arms] == available() and all(a.overrides == (f"method={a.name}",) for a in arms)
+    assert [a.name for a in arms] == [m for m in available() if m != "prior"]  # a prior needs a CLIP model folder
+    assert all(a.overrides == (f"method={a.name}",) for a in arms)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -18,7 +18,7 @@ from diffdis.train.build import Components
 
 
 def test_registry_lists_the_methods_and_refuses_others():
-    assert methods.available() == ["clip", "diffdis", "disc_only", "gen_only", "oner", "rleg", "unidiff"]
+    assert methods.available() == ["clip", "diffdis", "disc_only", "gen_only", "oner", "prior", "rleg", "unidiff"]
     assert methods.get("gen_only") is methods.GenOnlyMethod and methods.get("unidiff") is methods.UniDiffMethod
     with pytest.raises(ValueError, match="not one of"):
         methods.get("nope")

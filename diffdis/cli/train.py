@@ -56,6 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     print(f"\nmodel saved to {model_dir}")
     print("next:")
+    if (Path(model_dir) / "prior_index.json").is_file():  # a prior: it generates CLIP image embeddings, nothing to score
+        print(f"  python tools/train.py method=rleg model.rleg.prior={model_dir} ...")
+        print("  diffdis.pipelines.prior_pipeline.generate_image_embeddings(folder, captions, torch.Generator())")
+        return 0
     if (Path(model_dir) / "model_index.json").is_file():  # the method generates
         print(f"  python tools/sample.py {model_dir} --prompt 'a red circle' --prompt 'a large blue square on the left'")
     print(f"  python tools/zeroshot.py {model_dir} --dataset embedded --task shape")

@@ -42,6 +42,7 @@ from .tasks import (
     load_retrieval_set,
     load_zero_shot_tasks,
 )
+from ..pipelines.prior_pipeline import check_not_prior
 from ..pipelines.zeroshot import ZeroShotModelError
 from ..pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline, load_zero_shot_pipeline, read_zero_shot_index
 
@@ -380,10 +381,14 @@ def applicable(model_dir: Union[str, Path]) -> Dict[str, Any]:
     ``diffdis`` or ``diffusion_classifier``).
 
     Raises:
-        EvaluationError: the folder has no zero-shot pipeline index.
+        EvaluationError: the folder has no zero-shot pipeline index (a prior's folder says so).
     """
     index = read_zero_shot_index(model_dir)
     if not index:
+        try:
+            check_not_prior(model_dir)
+        except ZeroShotModelError as err:
+            raise EvaluationError(str(err)) from None
         raise EvaluationError(f"'{model_dir}' has no zeroshot_index.json: not a diffdis model folder, or one written by a "
                               "diffdis from before zero-shot pipelines were saved (train it again)")
     discriminates = index.get("classifier", "text_query") == "text_query"

@@ -124,11 +124,15 @@ def arms_from_file(path: Union[str, Path]) -> List[Arm]:
     return arms
 
 
+LEFT_OUT = ("prior",)  # methods with no default arm: method=prior trains on a CLIP model folder (model.prior.clip)
+
+
 def default_arms() -> List[Arm]:
-    """One arm per registered training method (``diffdis.methods.available()``), each ``method=NAME``."""
+    """One arm per registered training method (``diffdis.methods.available()``, less :data:`LEFT_OUT`), each
+    ``method=NAME``."""
     from ..methods import available
 
-    return [Arm(name, (f"method={name}",)) for name in available()]
+    return [Arm(name, (f"method={name}",)) for name in available() if name not in LEFT_OUT]
 
 
 def validate_arms(arms: Sequence[Arm], config: Optional[str], overrides: Sequence[str]) -> Dict[str, Any]:

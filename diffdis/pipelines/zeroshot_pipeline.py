@@ -246,13 +246,17 @@ def load_zero_shot_pipeline(folder: Union[str, os.PathLike], device: Union[str, 
     pipeline, the CLIP one of ``method=clip`` or the OneR one of ``method=oner``), in eval mode on ``device``.
 
     Raises:
-        ZeroShotModelError: the folder is not a model folder or has no ``zeroshot_index.json``.
+        ZeroShotModelError: the folder is not a model folder, is a prior's (``method=prior``: nothing to classify with)
+            or has no ``zeroshot_index.json``.
     """
+    from .prior_pipeline import check_not_prior
+
     folder = Path(folder)
     index = read_zero_shot_index(folder)
     if not index:
         if not folder.is_dir():
             raise ZeroShotModelError(f"model folder '{folder}' does not exist")
+        check_not_prior(folder)
         check_dual_stream_folder(folder)
         raise ZeroShotModelError(f"'{folder}' has no {INDEX_NAME}: it was written by a diffdis "
                                  "from before zero-shot pipelines were saved; train it again to write one")

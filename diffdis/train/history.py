@@ -53,8 +53,11 @@ class History:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = [("loss_ig", "L_IG (image generation)"), ("loss_ita", "L_ITA (image-text alignment)"), ("acc_i2t", "in-batch image->text accuracy")]
+        panels = [("loss_ig", "L_IG (image generation)"), ("loss_ita", "L_ITA (image-text alignment)"), ("acc_i2t", "in-batch image->text accuracy"),
+                  ("cosine", "cosine of predicted and true embedding")]
         panels = [(k, title) for k, title in panels if self.series(f"train/{k}") or self.series(f"val/{k}")]
+        if not any(k.startswith("loss") for k, _ in panels):  # none of the named loss terms (method=prior): the total
+            panels.insert(0, ("loss", "training loss"))
         evals = [k for k in self.keys() if k.startswith("eval/") and k != "eval/seconds"]
         fig, axes = plt.subplots(1, len(panels) + bool(evals), figsize=(5 * (len(panels) + bool(evals)), 3.6), squeeze=False)
         if evals:  # evaluation during training (train.eval_every): adherence and zero-shot accuracy
