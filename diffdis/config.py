@@ -71,11 +71,15 @@ class ClipConfig:
 
 @dataclass
 class RlegConfig:
-    """``method=rleg``: CLIP training whose batches gain generated text embeddings as extra positives."""
+    """``method=rleg``: CLIP training whose batches gain generated embeddings as extra positives (at least one of
+    ``generator`` and ``prior`` is required)."""
 
-    generator: Optional[str] = None  # a trained diffdis model folder: its discrimination stream generates a text embedding per image (frozen); its text tower and tokenizer start the CLIP text tower
-    weight: float = 0.5  # weight of the contrastive term between images and their generated embeddings
+    generator: Optional[str] = None  # a trained diffdis model folder: its discrimination stream generates a text embedding per image (frozen); without a prior, its text tower and tokenizer start the CLIP text tower
+    weight: float = 0.5  # weight of the contrastive term between images and their generated text embeddings
     steps: Optional[int] = None  # K of the generation (None: the generator's saved value)
+    prior: Optional[str] = None  # a trained prior folder (method=prior): it generates an image embedding per caption (frozen); its CLIP model starts the trained one (both towers and the tokenizer; model.clip is then unused)
+    prior_weight: float = 0.5  # weight of the contrastive term between generated image embeddings and caption features
+    prior_steps: Optional[int] = None  # K of the prior's sampler (None: the prior's saved value)
 
 
 @dataclass

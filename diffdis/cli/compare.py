@@ -15,8 +15,9 @@ Arms. ``--arm NAME`` is the method NAME (``method=NAME``); ``--arm NAME:key=valu
       gen_only: [method=gen_only]
       lam0.1: {method: diffdis, loss.lambda_ita: 0.1}
 
-Without --arm or --arms-file: one arm per registered method (method=rleg also needs model.rleg.generator=DIR),
-except method=prior, which needs model.prior.clip=DIR and, generating embeddings only, has nothing to evaluate.
+Without --arm or --arms-file: one arm per registered method (method=rleg also needs model.rleg.generator=DIR or
+model.rleg.prior=DIR), except method=prior, which needs model.prior.clip=DIR and, generating embeddings only, has
+nothing to evaluate.
 The key=value overrides after the options apply to every arm, before the arm's own (the arm wins). Every arm's
 config is loaded before anything trains: an unknown method or key is one `error:` line and exit status 2.
 
