@@ -168,7 +168,7 @@ def test_prior_config_errors_are_one_line(clip_dir, tmp_path):
 
 
 def test_the_evaluation_tools_refuse_a_prior_folder_in_one_line(clip_dir, tmp_path, capsys):
-    from diffdis.cli import evaluate, zeroshot
+    from diffdis.cli import evaluate, sample, zeroshot
     from diffdis.eval.api import EvaluationError, applicable
     from diffdis.pipelines.zeroshot import ZeroShotModelError
     from diffdis.pipelines.zeroshot_pipeline import load_zero_shot_pipeline
@@ -184,6 +184,8 @@ def test_the_evaluation_tools_refuse_a_prior_folder_in_one_line(clip_dir, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nothing to evaluate" in err and err.count("\n") == 1, err
     assert zeroshot.main([str(tmp_path / "prior"), "--device", "cpu", "--out", str(tmp_path / "zs")]) == 2
+    assert "is a diffusion prior" in capsys.readouterr().err
+    assert sample.main([str(tmp_path / "prior"), "--prompt", "a red circle", "--out", str(tmp_path / "s")]) == 2
     assert "is a diffusion prior" in capsys.readouterr().err
     with pytest.raises(ZeroShotModelError, match="not a prior folder .*method 'clip'"):
         load_prior_pipeline(clip_dir)

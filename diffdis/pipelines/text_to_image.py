@@ -348,8 +348,11 @@ def load_pipeline(
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
 
     Raises:
-        ValueError: ``model_dir`` has no ``model_index.json``.
+        ValueError: ``model_dir`` has no ``model_index.json`` (a prior's folder says so).
     """
+    from .prior_pipeline import check_not_prior
+
+    check_not_prior(model_dir)
     if not (Path(model_dir) / "model_index.json").is_file():
         raise ValueError(f"{model_dir} is not a diffdis model folder (no model_index.json)")
     pipe = DiffDisPipeline.from_pretrained(model_dir, dtype=DTYPES[dtype])
