@@ -38,6 +38,7 @@ from .tasks import (
     FidReference,
     Images,
     ZeroShotTask,
+    default_dataset,
     load_fid_reference,
     load_retrieval_set,
     load_zero_shot_tasks,
@@ -59,6 +60,7 @@ __all__ = [
     "SamplingSettings",
     "ZeroShotSettings",
     "ZeroShotTask",
+    "default_dataset",
     "evaluate_model",
     "generation_quality",
     "load_fid_reference",
@@ -254,18 +256,22 @@ def retrieval(
     settings: Optional[ZeroShotSettings] = None,
     accelerator=None,
     progress: bool = False,
+    name: str = "retrieval",
 ) -> Dict[str, Dict]:
     """Recall@1/5/10 between ``images`` and their captions, both ways (every caption of an image is a hit).
 
     Args:
         model: the trained model.
         images: pixel values (N, 3, R, R) in [-1, 1], or a :class:`DatasetImages`.
-        captions: ``captions[i]`` lists image i's captions (:func:`~diffdis.eval.tasks.load_retrieval_set`).
+        captions: ``captions[i]`` lists image i's captions (:func:`~diffdis.eval.tasks.load_retrieval_set`), e.g.
+            the five of a COCO image: a text query's one positive is its image; an image query is a hit when any
+            of its captions is in the top k (CLIP_benchmark's rule).
         settings: the DiffDis feature settings (``method`` must be ``"diffdis"``).
         accelerator, progress: as in :func:`zero_shot`.
+        name: the key of the result.
 
     Returns:
-        ``{"retrieval": {"task": "zeroshot_retrieval", "metrics": {image_retrieval_recall@k,
+        ``{name: {"task": "zeroshot_retrieval", "metrics": {image_retrieval_recall@k,
         text_retrieval_recall@k}, "chance": {same keys}, "num_images", "num_texts"}}``.
     """
     settings = resolved_settings(settings or ZeroShotSettings(), model)
@@ -284,8 +290,8 @@ def retrieval(
     for k in (1, 5, 10):
         chance[f"image_retrieval_recall@{k}"] = _chance_hit(len(images), 1, k)
         chance[f"text_retrieval_recall@{k}"] = _chance_hit(len(texts), per_image, k)
-    return {"retrieval": {"task": "zeroshot_retrieval", "metrics": metrics, "chance": chance,
-                          "num_images": len(images), "num_texts": len(texts)}}
+    return {name: {"task": "zeroshot_retrieval", "metrics": metrics, "chance": chance,
+                   "num_images": len(images), "num_texts": len(texts)}}
 
 
 # ---------------------------------------------------------------------------- generation quality
