@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from importlib import resources
 
 import datasets
 import pytest
@@ -112,7 +113,5 @@ def test_a_folder_of_webdataset_shards_with_a_benchmark_task(tmp_path):
 
 def test_registry_files_keep_one_format():
     for name in zs.task_names():
-        from importlib import resources
-
         data = json.loads((resources.files("diffdis.eval") / "templates" / f"{name}.json").read_text(encoding="utf-8"))
         assert set(data) <= {"classnames", "templates", "label", "ensemble", "dataset", "source"}, name

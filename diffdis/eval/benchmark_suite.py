@@ -1,4 +1,4 @@
-"""A benchmark suite: classification and retrieval tasks from a YAML file, run on one model, written as CLIP_benchmark results.
+"""Benchmark suites: classification and retrieval tasks from a YAML file, run on one model, as CLIP_benchmark results.
 
 A suite file lists the tasks (relative paths are read from the suite file's folder)::
 
@@ -29,7 +29,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from .api import EvaluationError, ZeroShotSettings, load_retrieval_set, load_zero_shot_tasks, resolved_settings, retrieval, zero_shot
+from .api import (
+    EvaluationError,
+    ZeroShotSettings,
+    load_retrieval_set,
+    load_zero_shot_tasks,
+    resolved_settings,
+    retrieval,
+    zero_shot,
+)
 
 PathLike = Union[str, Path]
 CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall")
@@ -121,12 +129,14 @@ def load_suite(path: PathLike) -> Suite:
     return Suite(
         [_entry(ClassificationEntry, e, f"suite {path}: classification entry {i + 1}", folder)
          for i, e in enumerate(lists["classification"])],
-        [_entry(RetrievalEntry, e, f"suite {path}: retrieval entry {i + 1}", folder) for i, e in enumerate(lists["retrieval"])],
+        [_entry(RetrievalEntry, e, f"suite {path}: retrieval entry {i + 1}", folder)
+         for i, e in enumerate(lists["retrieval"])],
         str(path),
     )
 
 
-def _record(dataset: str, model: str, task: str, metrics: Mapping[str, Any], names: Sequence[str], **extra) -> Dict[str, Any]:
+def _record(dataset: str, model: str, task: str, metrics: Mapping[str, Any], names: Sequence[str],
+            **extra) -> Dict[str, Any]:
     """One result in CLIP_benchmark's layout (``pretrained``: the model folder's name, as CLIP_benchmark's
     ``build`` joins ``model`` and ``pretrained``), with the extra fields after it."""
     return {"dataset": dataset, "model": model, "pretrained": Path(model).name, "task": task,
@@ -178,7 +188,8 @@ def run_suite(
 
 
 def suite_table(records: Sequence[Mapping[str, Any]]) -> List[str]:
-    """The records as one markdown table: a row per task, a column per CLIP_benchmark metric (empty where it does not apply)."""
+    """The records as one markdown table: a row per task, a column per CLIP_benchmark metric (empty where it does
+    not apply)."""
     columns = [c for c in CLASSIFICATION_METRICS + RETRIEVAL_METRICS if any(c in r["metrics"] for r in records)]
     lines = ["| dataset | task | n | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for r in records:
@@ -197,7 +208,8 @@ def write_suite_results(out: PathLike, records: Sequence[Mapping[str, Any]], pro
     out = Path(out)
     (out / "records").mkdir(parents=True, exist_ok=True)
     for r in records:
-        (out / "records" / f"{r['dataset'].replace('/', '_')}_{r['task']}.json").write_text(json.dumps(r, indent=1) + "\n")
+        name = f"{r['dataset'].replace('/', '_')}_{r['task']}.json"
+        (out / "records" / name).write_text(json.dumps(r, indent=1) + "\n")
     path = out / "benchmark.json"
     path.write_text(json.dumps({**provenance, "records": list(records)}, indent=1, default=str) + "\n")
     command = provenance.get("command")

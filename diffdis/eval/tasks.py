@@ -80,7 +80,7 @@ def _load_hf_dataset(name: str, split: str):
                     raise ValueError(f"no split '{split}'; it has: {', '.join(saved)}")
                 return saved[split]
             return saved
-        if path.is_dir() and any(path.rglob("*.tar")):  # webdataset shards, e.g. a copy of clip-benchmark/wds_*
+        if path.is_dir() and (any(path.glob("*.tar")) or any(path.glob("*/*.tar"))):  # e.g. a clip-benchmark/wds_* copy
             return datasets.load_dataset("webdataset", data_dir=str(path), split=split)
         if path.is_dir():  # class subfolders (labels from folder names) or imagefolder with metadata
             return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
@@ -95,7 +95,7 @@ def _check_column(dataset, column: str, kind: str) -> None:
 
 
 def _image_column(dataset, column: Optional[str]) -> str:
-    """``column``, or (None) ``image`` when present, else the dataset's only image column (webdataset: ``jpg``, ``webp``...)."""
+    """``column``, or (None) ``image`` when present, else the dataset's only image column (webdataset: ``webp``...)."""
     import datasets
 
     if column is not None or "image" in dataset.column_names:
