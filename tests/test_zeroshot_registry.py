@@ -73,6 +73,14 @@ def test_class_names_in_another_order_are_refused(tmp_path, capsys):
     assert err.startswith("error: class names out of the dataset's order: class 3 is 'cat'")
 
 
+def test_class_names_match_the_synonyms_and_camel_case_of_hub_class_labels():
+    check_class_order(["tench", "great white shark", "kite (bird of prey)"],
+                      ["tench, Tinca tinca", "great white shark, white shark, man-eater", "kite"])
+    check_class_order(["annual crop land", "lake or sea"], ["AnnualCrop", "SeaLake"])
+    with pytest.raises(EvaluationError, match="class 0 is 'lake or sea'"):
+        check_class_order(["lake or sea", "annual crop land"], ["AnnualCrop", "SeaLake"])  # permuted
+
+
 def test_check_class_order_normalises_case_underscores_and_hyphens():
     check_class_order(["Aquarium Fish", "maple tree", "off-center face"], ["aquarium_fish", "Maple_Tree", "off center face"])
     with pytest.raises(EvaluationError, match="class 1 is 'maple tree' in the class names but 'oak_tree'"):

@@ -7,6 +7,7 @@ wrong: a missing split or column, class names that do not fit the labels, an unr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -159,12 +160,26 @@ def _ids_from_names(values: Sequence, names: List[str], column: str) -> torch.Te
 
 
 def normalise_classname(name: str) -> str:
-    """A class name as compared with a dataset's ClassLabel: lower case, ``_`` and ``-`` as spaces, single spaces."""
-    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+    """A class name as compared with a dataset's ClassLabel: camelCase split, lower case, punctuation, ``_`` and
+    ``-`` as spaces, single spaces (``"SeaLake"`` -> ``"sea lake"``, ``"kite (bird of prey)"`` -> ``"kite bird of prey"``)."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name)
+    return " ".join(re.sub(r"[^\w\s']|_", " ", spaced.lower()).split())
+
+
+def same_class(ours: str, theirs: str) -> bool:
+    """Whether a prompt class name names a dataset's ClassLabel name: equal after :func:`normalise_classname`, or
+    the words of one contained in the words of the other, for any of the ClassLabel's comma-separated synonyms
+    (``"tench"`` and ``"tench, Tinca tinca"``; ``"annual crop land"`` and ``"AnnualCrop"``)."""
+    mine = set(normalise_classname(ours).split())
+    for synonym in theirs.split(","):
+        words = set(normalise_classname(synonym).split())
+        if words and mine and (words <= mine or mine <= words):
+            return True
+    return False
 
 
 def check_class_order(names: Sequence[str], dataset_names: Sequence[str], column: str = "label") -> None:
-    """Refuse class names that do not follow a ClassLabel's order, name by name (after :func:`normalise_classname`).
+    """Refuse class names that do not follow a ClassLabel's order, name by name (:func:`same_class`).
 
     A list in another order would score every image against the wrong class names and give a wrong accuracy
     without any other sign.
@@ -175,7 +190,7 @@ def check_class_order(names: Sequence[str], dataset_names: Sequence[str], column
     if len(names) != len(dataset_names):
         raise EvaluationError(f"{len(names)} class names given but the label column declares {len(dataset_names)} classes")
     for i, (ours, theirs) in enumerate(zip(names, dataset_names)):
-        if normalise_classname(ours) != normalise_classname(theirs):
+        if not same_class(ours, theirs):
             raise EvaluationError(
                 f"class names out of the dataset's order: class {i} is {ours!r} in the class names but {theirs!r} in "
                 f"the ClassLabel of column '{column}'; give the names in the dataset's label order")
