@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -224,6 +224,20 @@ class ZeroShotConfig:
 
 
 @dataclass
+class EvalZeroShotConfig:
+    """A labelled dataset classified zero-shot during training (``train.eval_zeroshot``), read as ``tools/zeroshot.py
+    --dataset`` reads it. Without one, runs on the procedural data are scored on the embedded shape/colour tasks."""
+
+    dataset: Optional[str] = None  # a local folder (class subfolders or imagefolder with a label column) or a hub id
+    task: str = "auto"  # a built-in task's class names and templates (e.g. cifar10), or auto (the dataset's labels)
+    split: Optional[str] = None  # default: test (a plain folder: its single split)
+    image_column: str = "image"
+    label_column: str = "label"
+    classnames: Optional[str] = None  # a file of class names, one per line, in label order
+    templates: Optional[str] = None  # a file of prompt templates with {c}, one per line
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, precision, checkpoints and logging."""
 
@@ -253,9 +267,13 @@ class TrainConfig:
     log_every: int = 10
     validation_every: int = 200  # steps between validation-loss evaluations; 0 disables
     validation_batches: int = 4
-    eval_every: int = 0  # steps between evaluations during training (adherence, zero-shot, sample grid; embedded data only); 0 disables
-    eval_adherence_per_combo: int = 1  # images per shape x colour prompt (36 prompts) for prompt adherence and the grid; 0 skips them
-    eval_zeroshot_samples: int = 120  # embedded test images classified zero-shot (shape, colour, colour_shape tasks); 0 skips
+    eval_every: int = 0  # steps between evaluations during training (sample grid, adherence, zero-shot, retrieval); 0 disables
+    validation_prompts: Any = None  # the sample grid's prompts at each evaluation: a list, or a text file with one per line; None: the shapes x colours grid on procedural data, else the first validation captions
+    eval_grid_size: int = 16  # prompts of the sample grid taken from the validation captions when validation_prompts is None
+    eval_adherence_per_combo: int = 1  # images per shape x colour prompt (36 prompts) for prompt adherence (procedural data only); 0 skips
+    eval_zeroshot_samples: int = 120  # images classified zero-shot: the embedded shape/colour tasks, or train.eval_zeroshot.dataset's; 0 skips
+    eval_zeroshot: EvalZeroShotConfig = field(default_factory=EvalZeroShotConfig)
+    eval_retrieval_samples: int = 0  # validation images (with their captions) for image<->text retrieval R@1/5/10; 0 skips
     eval_steps: int = 20  # DDIM sampling steps of the evaluation images
     eval_guidance: float = 3.0  # classifier-free guidance scale of the evaluation images (diffusers' g; <= 1 is unguided)
     eval_batch_size: int = 64  # images per batch and process during evaluation
@@ -348,8 +366,9 @@ def _validate(cfg: Config) -> None:
 
 def _validate_evaluation(cfg: Config) -> None:
     t = cfg.train
-    if min(t.eval_every, t.eval_adherence_per_combo, t.eval_zeroshot_samples) < 0:
-        raise ConfigError("train.eval_every, train.eval_adherence_per_combo and train.eval_zeroshot_samples must be >= 0")
+    if min(t.eval_every, t.eval_adherence_per_combo, t.eval_zeroshot_samples, t.eval_retrieval_samples, t.eval_grid_size) < 0:
+        raise ConfigError("train.eval_every, train.eval_grid_size, train.eval_adherence_per_combo, train.eval_zeroshot_samples"
+                          " and train.eval_retrieval_samples must be >= 0")
     if t.eval_steps < 1 or t.eval_batch_size < 1:
         raise ConfigError("train.eval_steps and train.eval_batch_size must be at least 1")
     z = cfg.zeroshot
@@ -358,17 +377,47 @@ def _validate_evaluation(cfg: Config) -> None:
     check_evaluation_data(cfg)
 
 
-def check_evaluation_data(cfg) -> None:
-    """Raise :class:`ConfigError` when evaluation during training is on for data other than the embedded shapes.
+PROCEDURAL_DATA = ("embedded", "compositional")  # drawn in memory; the reference classifier knows their shapes and colours
 
-    Prompt adherence and zero-shot accuracy are scored on the embedded shapes (reference classifier,
-    shape/colour tasks), so such a run is rejected before it trains rather than skipped with a warning.
+
+def validation_prompts(cfg) -> Optional[List[str]]:
+    """``train.validation_prompts`` as a list of prompts (None when unset).
+
+    Raises:
+        ConfigError: a missing or empty file, an empty list, or a value that is neither a list nor a file name.
     """
-    if cfg.train.eval_every > 0 and cfg.data.name != "embedded":
-        raise ConfigError(
-            f"train.eval_every={cfg.train.eval_every} needs data.name=embedded (got {cfg.data.name!r}): prompt adherence"
-            " and zero-shot accuracy are scored on the embedded shapes; set train.eval_every=0"
-        )
+    value = cfg.train.validation_prompts
+    if value is None:
+        return None
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"train.validation_prompts: '{value}' is not a file (give a file with one prompt per line, or a list)")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    elif OmegaConf.is_list(value) or isinstance(value, (list, tuple)):
+        prompts = [str(p).strip() for p in value if str(p).strip()]
+    else:
+        raise ConfigError(f"train.validation_prompts must be a list of prompts or a file, got {value!r}")
+    if not prompts:
+        raise ConfigError(f"train.validation_prompts ({value}) holds no prompt")
+    return prompts
+
+
+def check_evaluation_data(cfg) -> None:
+    """Raise :class:`ConfigError` for evaluation settings that cannot work, before anything trains: unreadable
+    ``train.validation_prompts``, retrieval without a validation split, or ``train.eval_zeroshot.dataset`` files that
+    do not exist. Prompt adherence needs the procedural data (the reference classifier knows only their shapes and
+    colours); on other data it is left out and the sample grid uses the prompts or the validation captions."""
+    t = cfg.train
+    if t.eval_every <= 0:
+        return
+    validation_prompts(cfg)
+    if t.eval_retrieval_samples > 0 and cfg.data.name not in PROCEDURAL_DATA and not cfg.data.validation_split:
+        raise ConfigError("train.eval_retrieval_samples needs data.validation_split (retrieval reads the validation captions)")
+    z = t.eval_zeroshot
+    for key in ("classnames", "templates"):
+        if z[key] and not Path(z[key]).expanduser().is_file():
+            raise ConfigError(f"train.eval_zeroshot.{key}: '{z[key]}' is not a file")
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:

@@ -207,3 +207,21 @@ def save_tiny_stable_diffusion(folder: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def save_tiny_zero_shot_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny zero-shot model folder (DiffDisZeroShotPipeline, 8x8 images, K=2) with every new weight perturbed."""
+    from diffdis.models.dual_stream_unet import DualStreamUNet
+    from diffdis.pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline
+    from diffusers import DDPMScheduler
+
+    tok = tiny_tokenizer()
+    unet = DualStreamUNet.from_unet(tiny_unet(sample_size=8), text_dim=CONTEXT_DIM, fusion="one_way").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.new_parameters():  # FC_out starts at zero, which would make every feature the same
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    DiffDisZeroShotPipeline(unet=unet, text_encoder=tiny_text_encoder(tok, with_projection=True), tokenizer=tok,
+                            scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False), text_scale=0.8,
+                            num_inference_steps=2, resolution=8).save_pretrained(folder)
+    return folder

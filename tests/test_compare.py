@@ -65,8 +65,28 @@ def test_default_arms_are_the_registered_methods():
     from diffdis.methods import available
 
     arms = default_arms()
-    assert [a.name for a in arms] == [m for m in available() if m != "prior"]  # a prior needs a CLIP model folder
-    assert all(a.overrides == (f"method={a.name}",) for a in arms)
+    assert sorted(a.name for a in arms) == sorted(m for m in available() if m != "prior")  # a prior needs a CLIP folder
+    names = [a.name for a in arms]
+    for arm in arms:
+        if arm.name == "rleg":  # reads the diffdis arm's model of the same seed, so it comes after it
+            assert arm.overrides == ("method=rleg", "model.rleg.generator={run:diffdis}")
+            assert names.index("rleg") == names.index("diffdis") + 1
+        else:
+            assert arm.overrides == (f"method={arm.name}",)
+
+
+def test_run_references_resolve_to_the_earlier_arms_model_of_the_same_seed(tmp_path):
+    from diffdis.experiments import validate_arms
+
+    arms = [parse_arm("diffdis"), parse_arm("rleg:method=rleg,model.rleg.generator={run:diffdis}")]
+    settings = CompareSettings(arms=arms, train_command=["x"], seeds=[3])
+    args = lib.train_overrides(settings, arms[1], 3, tmp_path / "rleg" / "seed3", tmp_path)
+    assert f"model.rleg.generator={tmp_path / 'diffdis' / 'seed3' / 'model'}" in args
+    assert "model.rleg.generator={run:diffdis}" in lib.train_overrides(settings, arms[1], 3, tmp_path / "r")  # as written
+    assert validate_arms(arms, None, [])["rleg"].model.rleg.generator == "diffdis/seed0/model"
+    for bad, message in (([arms[1], arms[0]], "'diffdis' must be listed before it"), ([arms[1]], "'diffdis' is not an arm")):
+        with pytest.raises(CompareError, match=message):
+            validate_arms(bad, None, [])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -145,6 +165,17 @@ def test_table_and_json_layout(tmp_path):
     assert [c["metric"] for c in saved["columns"]] == ["shape/acc1", "retrieval/image_retrieval_recall@1", "fid",
                                                        "trainable_parameters", "ms_per_step"]
     assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_columns_put_the_embedded_tasks_first_and_the_relation_pair_accuracy_beside_its_top1():
+    from diffdis.experiments.report import columns
+
+    one = {"mean": 0.5, "std": 0.0, "n": 1}
+    stats = {"a": {f"{t}/acc1": one for t in ("relation", "size", "shape", "heldout_colour_shape", "colour", "zzz")}}
+    stats["a"]["relation/pair_acc"] = one
+    assert [key for _, key, _ in columns(stats)] == [
+        "shape/acc1", "colour/acc1", "heldout_colour_shape/acc1", "relation/acc1", "size/acc1", "zzz/acc1",
+        "relation/pair_acc"]
 
 
 # ---------------------------------------------------------------------------- runs: reuse and failures

@@ -49,6 +49,29 @@ def test_evaluate_writes_report(model_dir, tmp_path):
         assert (out / name).is_file(), name
     assert "![samples](grid.png)" in report and "![training curves](curves.png)" in report
     assert not (tmp_path / "eval.tmp").exists()
+    assert not any(k.startswith(("relation/", "heldout_colour_shape/")) for k in m)  # trained on embedded data
+
+
+def test_a_model_trained_on_compositional_data_is_scored_on_its_tasks_too(tmp_path):
+    from conftest import TINY_TRAIN_OVERRIDES
+
+    from diffdis.cli import train
+    from diffdis.eval.compositional import COMPOSITIONAL_TASKS
+
+    run = tmp_path / "run"
+    assert train.main(TINY_TRAIN_OVERRIDES + [f"train.output_dir={run}", "train.max_steps=2", "train.report_to=none",
+                                              "data.name=compositional", "data.num_train_samples=64"]) == 0
+    out = tmp_path / "eval"
+    assert evaluate.main([str(run / "model"), "--out", str(out), "--skip", "fid", "adherence", "--compositional-samples", "24"]
+                         + SMALL) == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    m = saved["metrics"]
+    for task in ("shape", "colour", "colour_shape", *COMPOSITIONAL_TASKS):
+        assert 0.0 <= m[f"{task}/acc1"] <= 1.0, task
+    assert 0.0 <= m["relation/pair_acc"] <= 1.0 and m["heldout_colour_shape/num_samples"] == 24
+    assert evaluate.main([str(run / "model"), "--out", str(tmp_path / "e2"), "--skip", "fid", "adherence", "compositional"]
+                         + SMALL) == 0
+    assert "relation/acc1" not in json.loads((tmp_path / "e2" / "metrics.json").read_text())["metrics"]
 
 
 def test_evaluate_skip_parts(model_dir, tmp_path):
@@ -116,7 +139,10 @@ def test_ablation_end_to_end(tmp_path, model_dir):
 def test_preset_sizes():
     from diffdis.eval.api import EvaluationError, EvaluationSizes, preset_sizes
 
-    assert preset_sizes("quick", fid_images=7) == EvaluationSizes(7, 2, 600, 200)
-    assert preset_sizes() == EvaluationSizes(1000, 4, 1000, 500)
+    assert preset_sizes("quick", fid_images=7) == EvaluationSizes(7, 2, 600, 200, 240)
+    assert preset_sizes() == EvaluationSizes(1000, 4, 1000, 500, 480)
+    assert preset_sizes("full", compositional_samples=0).compositional_samples == 0
+    with pytest.raises(EvaluationError, match=">= 0"):
+        preset_sizes("full", compositional_samples=-1)
     with pytest.raises(EvaluationError, match=">= 0"):
         preset_sizes("full", retrieval_samples=-1)

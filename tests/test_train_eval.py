@@ -72,12 +72,83 @@ def test_evaluator_parts_can_be_switched_off(tiny_run):
     assert grid is not None and set(metrics) == set(ADHERENCE + ["eval/seconds"])  # untrained text stream: no zero-shot
 
 
-def test_eval_needs_embedded_data():
-    with pytest.raises(ConfigError, match="eval_every"):
-        load_config(None, ["train.eval_every=10", "data.name=some/hub-dataset"])
+def test_evaluation_settings_that_cannot_work_are_config_errors(tmp_path):
+    load_config(None, ["train.eval_every=10", "data.name=some/hub-dataset"])  # any data: the grid uses its captions
+    for override, message in (
+        (f"train.validation_prompts={tmp_path / 'missing.txt'}", "is not a file"),
+        ("train.validation_prompts=[]", "holds no prompt"),
+        ("train.validation_prompts=3", "must be a list of prompts or a file"),
+        (f"train.eval_zeroshot.classnames={tmp_path / 'nope.txt'}", "train.eval_zeroshot.classnames"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["train.eval_every=10", override])
+    with pytest.raises(ConfigError, match="needs data.validation_split"):
+        load_config(None, ["train.eval_every=10", "data.name=some/hub-dataset", "data.validation_split=null",
+                           "train.eval_retrieval_samples=8"])
     with pytest.raises(ConfigError, match="eval_steps"):
         load_config(None, ["train.eval_steps=0"])
-    load_config(None, ["train.eval_every=0", "data.name=some/hub-dataset"])  # off: any data
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  a blue square  \n")
+    from diffdis.config import validation_prompts
+
+    assert validation_prompts(load_config(None, [f"train.validation_prompts={prompts}"])) == ["a red circle", "a blue square"]
+    assert validation_prompts(load_config(None, ["train.validation_prompts=[a b, c]"])) == ["a b", "c"]
+
+
+@pytest.fixture(scope="module")
+def user_data(tmp_path_factory):
+    """An image-caption folder with train and validation splits, and a labelled folder of class subfolders."""
+    from helpers_data import write_imagefolder
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("user_data")
+    write_imagefolder(root / "captions" / "train", 24)
+    write_imagefolder(root / "captions" / "validation", 12)
+    for label, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (root / "labelled" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), colour).save(root / "labelled" / label / f"{i}.png")
+    return root
+
+
+def test_evaluator_on_a_users_own_data(user_data, tmp_path):
+    """Prompts grid, zero-shot on a labelled folder and retrieval on the validation captions, no adherence."""
+    from helpers_data import caption
+
+    overrides = TINY_TRAIN_OVERRIDES + EVAL_OVERRIDES + [
+        f"data.name={user_data / 'captions'}", "train.eval_every=2", "train.validation_prompts=[a red circle, a blue circle]",
+        f"train.eval_zeroshot.dataset={user_data / 'labelled'}", "train.eval_retrieval_samples=10"]
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    components = build_components(cfg, [caption(i) for i in range(24)] + ["a red circle", "a blue circle", "a photo of a"])
+    evaluator = TrainingEvaluator.from_config(cfg)
+    assert evaluator.classifier is None  # adherence is for the procedural data only
+    metrics, grid = _evaluate(evaluator, components)
+    retrieval = [f"eval/{w}_retrieval_recall@{k}" for w in ("image", "text") for k in (1, 5, 10)]
+    assert set(metrics) == {"eval/zeroshot_labelled", *retrieval, "eval/seconds"}
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ["eval/zeroshot_labelled", *retrieval])
+    assert grid is not None and grid.width >= 2 * cfg.data.resolution
+    assert len(evaluator.retrieval_data[1]) == 10 and evaluator.retrieval_data[1][0] == [caption(0)]
+    # without prompts the grid shows the first validation captions
+    cfg = load_config(None, overrides[:-3] + ["train.eval_grid_size=3"])
+    plan = TrainingEvaluator.from_config(cfg).plan
+    assert plan.grid_prompts == tuple(caption(i) for i in range(3)) and plan.zeroshot_samples == 0
+
+
+def test_next_commands_come_from_the_runs_data(user_data, tmp_path):
+    from helpers_data import caption
+
+    from diffdis.cli.train import next_commands
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    (model / "zeroshot_index.json").write_text("{}")
+    lines = next_commands(load_config(None, [f"data.name={user_data / 'captions'}"]), model)
+    assert lines[0] == f"python tools/sample.py {model} --prompt '{caption(0)}' --prompt '{caption(1)}'"
+    assert "--dataset <labelled folder or hub id>" in lines[1] and len(lines) == 2
+    lines = next_commands(load_config(None, [f"train.eval_zeroshot.dataset={user_data / 'labelled'}", "data.name=embedded"]), model)
+    assert f"--dataset {user_data / 'labelled'} --task auto" in lines[1] and lines[2] == f"python tools/evaluate.py {model}"
 
 
 def _history(out: Path):
@@ -108,4 +179,16 @@ def test_trainer_evaluation_sharded_over_two_processes(tmp_path, tiny_overrides,
     accelerate(tiny_overrides + EVAL_OVERRIDES + [f"train.output_dir={out}", "train.max_steps=2", "train.eval_every=2",
                                                   "train.validation_every=0", "train.checkpointing_steps=0"], num_processes=2)
     assert _eval_steps(_history(out), ADHERENCE + ZEROSHOT) == [2]
+    assert (out / "eval_samples" / "step-2.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_a_users_own_data(tmp_path, tiny_overrides, user_data, one_thread_runs):
+    out = tmp_path / "own"
+    accelerate(tiny_overrides + EVAL_OVERRIDES + [
+        f"train.output_dir={out}", f"data.name={user_data / 'captions'}", "train.max_steps=2", "train.eval_every=2",
+        "train.validation_every=0", "train.checkpointing_steps=0", "train.validation_prompts=[a red circle, a blue circle]",
+        f"train.eval_zeroshot.dataset={user_data / 'labelled'}", "train.eval_retrieval_samples=10"], num_processes=2)
+    keys = ["eval/zeroshot_labelled", "eval/image_retrieval_recall@1", "eval/text_retrieval_recall@5"]
+    assert _eval_steps(_history(out), keys) == [2]
     assert (out / "eval_samples" / "step-2.png").is_file()

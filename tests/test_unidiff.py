@@ -116,7 +116,8 @@ def test_unidiff_saves_both_pipelines_that_load_and_match_the_live_model(tmp_pat
     method.eval()
     method.save_pretrained(tmp_path, components, cfg)
     assert (tmp_path / "model_index.json").is_file() and (tmp_path / "zeroshot_index.json").is_file()
-    assert applicable(tmp_path) == {"method": "unidiff", "generates": True, "discriminates": True, "classifier": "diffdis"}
+    assert applicable(tmp_path) == {"method": "unidiff", "generates": True, "discriminates": True, "classifier": "diffdis",
+                                     "trained_on": None}  # no diffdis_config.yaml: not written by the trainer
     # text to image: the UNet conditioned on CLIP's text tower
     pipe = load_pipeline(tmp_path, "ddim")
     live = method.text_to_image_pipeline(components, pipe.scheduler)

@@ -115,4 +115,5 @@ def test_bad_settings_and_folders_are_one_line_errors(saved, tmp_path):
         load_zero_shot_pipeline(old)
     with pytest.raises(EvaluationError, match="zeroshot_index.json"):
         applicable(old)
-    assert applicable(folder) == {"method": "diffdis", "generates": True, "discriminates": True, "classifier": "diffdis"}
+    assert applicable(folder) == {"method": "diffdis", "generates": True, "discriminates": True, "classifier": "diffdis",
+                                   "trained_on": None}

@@ -4,6 +4,11 @@
     diffdis-evaluate outputs/tiny/model --quick           # ~1-2 min, what `make demo` runs
     diffdis-evaluate outputs/tiny/model --ablation outputs/ablation/ablation.json
     accelerate launch --multi_gpu --num_processes 2 -m diffdis.cli.evaluate outputs/tiny/model
+    diffdis-evaluate outputs/tiny/model --suite suite.yaml --out bench/   # a benchmark suite instead
+
+--suite FILE runs the zero-shot classification and retrieval tasks a YAML lists (see
+diffdis.eval.benchmark_suite) and writes <out>/benchmark.md, <out>/benchmark.json and one CLIP_benchmark
+result file per task under <out>/records/; only the zero-shot options (--zs-*, --seed, --batch-size) apply.
 
 Writes <out>/report.md (a table, the shapes x colours sample grid, the zero-shot confusion matrices
 and the training curves) and <out>/metrics.json (every number with the settings that produced it).
@@ -23,6 +28,7 @@ neither the generated nor the real images are kept or gathered (memory does not 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,10 +37,12 @@ from typing import Optional, Sequence
 import torch
 
 from diffdis.cli.options import add_evaluation_options, check_evaluation_args, evaluation_options
-from diffdis.eval.api import EvaluationError, evaluate_model, report
+from diffdis.eval.api import EvaluationError, evaluate_model, report, resolved_settings
+from diffdis.eval.benchmark_suite import load_suite, run_suite, suite_provenance, suite_table, write_suite_results
 from diffdis.eval.report import report_table
 from diffdis.eval.zeroshot import TemplateError
 from diffdis.pipelines.zeroshot import ZeroShotModelError
+from diffdis.pipelines.zeroshot_pipeline import load_zero_shot_pipeline
 from diffdis.utils.distributed import new_accelerator
 
 
@@ -44,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a trained model folder (<output_dir>/model)")
     p.add_argument("--out", default=None, help="report folder (default: <model_dir>/../eval)")
     p.add_argument("--ablation", default=None, help="ablation.json from tools/ablation.py to include in the report")
+    p.add_argument("--suite", default=None, help="YAML of classification and retrieval tasks to run instead of the"
+                   " report; writes benchmark.md and benchmark.json (default out: <model_dir>/../benchmark)")
     add_evaluation_options(p)
     return p
 
@@ -54,13 +64,31 @@ def check_args(args: argparse.Namespace) -> None:
         raise EvaluationError(f"model folder '{args.model_dir}' does not exist")
     if args.ablation and not Path(args.ablation).is_file():
         raise EvaluationError(f"ablation file '{args.ablation}' does not exist")
+    if args.suite and not Path(args.suite).is_file():
+        raise EvaluationError(f"suite file '{args.suite}' does not exist")
     check_evaluation_args(args)
+
+
+def run_suite_command(args: argparse.Namespace, out: Path, accelerator, command: str = "") -> int:
+    """``--suite``: every task of the suite file on the model; the table printed, the files written to ``out``."""
+    suite = load_suite(args.suite)  # read before the model, so a bad file fails fast
+    options = evaluation_options(args)
+    model = load_zero_shot_pipeline(args.model_dir, options.device or accelerator.device)
+    settings = resolved_settings(options.zeroshot, model)
+    records = run_suite(model, suite, settings, accelerator, args.progress, model_name=str(args.model_dir))
+    if accelerator.is_main_process:
+        provenance = suite_provenance(args.model_dir, suite, settings, command, accelerator.num_processes)
+        path = write_suite_results(out, records, provenance)
+        print("\n".join(suite_table(records)))
+        print(f"\ntable: {out / 'benchmark.md'}\nrecords: {path}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns 0, or 2 on bad input with a one-line error."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
     args = build_parser().parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.model_dir).resolve().parent / "eval"
+    out = Path(args.out) if args.out else Path(args.model_dir).resolve().parent / ("benchmark" if args.suite else "eval")
     start = time.perf_counter()
     try:
         check_args(args)
@@ -70,8 +98,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             diffusers.utils.logging.disable_progress_bar()
             transformers.utils.logging.disable_progress_bar()
-        options = evaluation_options(args)
         accelerator = new_accelerator(cpu=(args.device == "cpu") or not torch.cuda.is_available())
+        if args.suite:
+            return run_suite_command(args, out, accelerator, shlex.join(["diffdis-evaluate", *argv]))
+        options = evaluation_options(args)
         result = evaluate_model(args.model_dir, options, accelerator)
     except (EvaluationError, ZeroShotModelError, TemplateError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -70,13 +70,16 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     ``diffdis-evaluate``'s, and the ``--eval-args`` of the ablation and comparison commands."""
     p.add_argument("--quick", action="store_true", help="smaller sets (same as --preset quick)")
     p.add_argument("--preset", default="full", choices=tuple(PRESETS),
-                   help="set sizes: full (1000 FID images, 4 per adherence combination, 1000 zero-shot, 500 retrieval),"
-                   " quick (500, 2, 600, 200), coco30k (30,000 FID images, Inception; needs --fid-reference)")
+                   help="set sizes: full (1000 FID images, 4 per adherence combination, 1000 zero-shot, 500 retrieval,"
+                   " 480 per compositional task), quick (500, 2, 600, 200, 240), coco30k (30,000 FID images, Inception;"
+                   " needs --fid-reference)")
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
     p.add_argument("--fid-images", type=int, default=None, help="generated (and real) images for FID")
     p.add_argument("--adherence-per-combo", type=int, default=None, help="images per shape x colour prompt")
     p.add_argument("--zeroshot-samples", type=int, default=None, help="test images for zero-shot accuracy")
     p.add_argument("--retrieval-samples", type=int, default=None, help="validation images for retrieval")
+    p.add_argument("--compositional-samples", type=int, default=None,
+                   help="test images per compositional task (scored for models trained on data.name=compositional)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default: 3)")
     p.add_argument("--scheduler", default="ddim", help="sampling scheduler (default: ddim)")
@@ -118,7 +121,7 @@ def evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
     try:
         sizes = preset_sizes("quick" if args.quick else args.preset, fid_images=args.fid_images,
                              adherence_per_combo=args.adherence_per_combo, zeroshot_samples=args.zeroshot_samples,
-                             retrieval_samples=args.retrieval_samples)
+                             retrieval_samples=args.retrieval_samples, compositional_samples=args.compositional_samples)
         zeroshot = zero_shot_settings(args, "zs-", seed=args.seed, batch_size=args.batch_size)
     except ValueError as err:  # EvaluationError is a ValueError too
         raise EvaluationError(str(err)) from None

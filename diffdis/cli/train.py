@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from diffdis.config import ConfigError, list_configs, load_config
 
@@ -25,6 +26,40 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     return parser.parse_args(argv)
+
+
+def next_commands(cfg, model_dir: Path) -> List[str]:
+    """What to run on a trained model, from the run's own data: sampling its validation prompts (or captions),
+    zero-shot on its configured labelled dataset (or the procedural tasks), and the full report on procedural data."""
+    from diffdis.config import PROCEDURAL_DATA, validation_prompts
+    from diffdis.train.evaluation import validation_captions
+
+    lines, z = [], cfg.train.eval_zeroshot
+    if (model_dir / "prior_index.json").is_file():  # a prior: it generates CLIP image embeddings, nothing to score
+        return [f"python tools/train.py method=rleg model.rleg.prior={model_dir} ...",
+                "diffdis.pipelines.prior_pipeline.generate_image_embeddings(folder, captions, torch.Generator())"]
+    if (model_dir / "model_index.json").is_file():  # the method generates
+        prompts = validation_prompts(cfg)
+        if prompts is None and cfg.data.name in PROCEDURAL_DATA:
+            prompts = ["a red circle", "a large blue square on the left"]
+        if prompts is None:
+            try:
+                prompts = validation_captions(cfg, 2)
+            except (ConfigError, ValueError, OSError):
+                prompts = ["<a caption like those of your data>"]
+        lines.append(f"python tools/sample.py {model_dir} " + " ".join(f"--prompt {shlex.quote(p)}" for p in prompts[:2]))
+    if (model_dir / "zeroshot_index.json").is_file():
+        if z.dataset:
+            lines.append(f"python tools/zeroshot.py {model_dir} --dataset {shlex.quote(z.dataset)} --task {z.task}")
+        elif cfg.data.name == "compositional":
+            lines.append(f"python tools/zeroshot.py {model_dir} --dataset compositional --task relation")
+        elif cfg.data.name == "embedded":
+            lines.append(f"python tools/zeroshot.py {model_dir} --dataset embedded --task shape")
+        else:
+            lines.append(f"python tools/zeroshot.py {model_dir} --dataset <labelled folder or hub id> --task auto")
+    if cfg.data.name in PROCEDURAL_DATA:
+        lines.append(f"python tools/evaluate.py {model_dir}")
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -56,13 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     print(f"\nmodel saved to {model_dir}")
     print("next:")
-    if (Path(model_dir) / "prior_index.json").is_file():  # a prior: it generates CLIP image embeddings, nothing to score
-        print(f"  python tools/train.py method=rleg model.rleg.prior={model_dir} ...")
-        print("  diffdis.pipelines.prior_pipeline.generate_image_embeddings(folder, captions, torch.Generator())")
-        return 0
-    if (Path(model_dir) / "model_index.json").is_file():  # the method generates
-        print(f"  python tools/sample.py {model_dir} --prompt 'a red circle' --prompt 'a large blue square on the left'")
-    print(f"  python tools/zeroshot.py {model_dir} --dataset embedded --task shape")
+    for line in next_commands(cfg, Path(model_dir)):
+        print(f"  {line}")
     return 0
 
 

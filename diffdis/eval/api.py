@@ -20,7 +20,7 @@ without one, everything runs in this process.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -38,6 +38,7 @@ from .tasks import (
     FidReference,
     Images,
     ZeroShotTask,
+    default_dataset,
     load_fid_reference,
     load_retrieval_set,
     load_zero_shot_tasks,
@@ -60,6 +61,7 @@ __all__ = [
     "SamplingSettings",
     "ZeroShotSettings",
     "ZeroShotTask",
+    "default_dataset",
     "evaluate_model",
     "generation_quality",
     "load_fid_reference",
@@ -73,7 +75,7 @@ __all__ = [
 ]
 
 METHODS = ("diffdis", "diffusion_classifier")  # zero-shot classifiers ("auto": the one the training method provides)
-PARTS = ("fid", "adherence", "zeroshot", "retrieval")
+PARTS = ("fid", "adherence", "zeroshot", "retrieval", "compositional")  # compositional: only for models trained on that data
 ADHERENCE_SCORES = ("shape", "colour", "both", "colour_pixel", "colour_agreement")  # the adherence/* metrics reported
 REFERENCE_RESOLUTION = 16  # input size of the reference attribute classifier (images are resized to it)
 
@@ -102,12 +104,13 @@ class EvaluationSizes:
     adherence_per_combo: int  # images per shape x colour prompt (36 prompts)
     zeroshot_samples: int  # embedded test images classified zero-shot
     retrieval_samples: int  # embedded validation images for retrieval
+    compositional_samples: int = 0  # test images per compositional task (models trained on data.name=compositional)
 
 
-PRESETS: Mapping[str, Tuple[int, int, int, int]] = {  # the four sizes of EvaluationSizes, in its order
-    "full": (1000, 4, 1000, 500),
-    "quick": (500, 2, 600, 200),
-    "coco30k": (30000, 0, 0, 0),
+PRESETS: Mapping[str, Tuple[int, int, int, int, int]] = {  # the five sizes of EvaluationSizes, in its order
+    "full": (1000, 4, 1000, 500, 480),
+    "quick": (500, 2, 600, 200, 240),
+    "coco30k": (30000, 0, 0, 0, 0),
 }
 
 
@@ -117,6 +120,7 @@ def preset_sizes(
     adherence_per_combo: Optional[int] = None,
     zeroshot_samples: Optional[int] = None,
     retrieval_samples: Optional[int] = None,
+    compositional_samples: Optional[int] = None,
 ) -> EvaluationSizes:
     """A preset's set sizes (:data:`PRESETS`), each size that is given (not None) replacing the preset's.
 
@@ -125,9 +129,9 @@ def preset_sizes(
     """
     if preset not in PRESETS:
         raise EvaluationError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    chosen = (fid_images, adherence_per_combo, zeroshot_samples, retrieval_samples)
+    chosen = (fid_images, adherence_per_combo, zeroshot_samples, retrieval_samples, compositional_samples)
     sizes = EvaluationSizes(*(c if c is not None else d for c, d in zip(chosen, PRESETS[preset])))
-    if min(sizes.fid_images, sizes.adherence_per_combo, sizes.zeroshot_samples, sizes.retrieval_samples) < 0:
+    if min(asdict(sizes).values()) < 0:
         raise EvaluationError("set sizes must be >= 0")
     return sizes
 
@@ -253,18 +257,22 @@ def retrieval(
     settings: Optional[ZeroShotSettings] = None,
     accelerator=None,
     progress: bool = False,
+    name: str = "retrieval",
 ) -> Dict[str, Dict]:
     """Recall@1/5/10 between ``images`` and their captions, both ways (every caption of an image is a hit).
 
     Args:
         model: the trained model.
         images: pixel values (N, 3, R, R) in [-1, 1], or a :class:`DatasetImages`.
-        captions: ``captions[i]`` lists image i's captions (:func:`~diffdis.eval.tasks.load_retrieval_set`).
+        captions: ``captions[i]`` lists image i's captions (:func:`~diffdis.eval.tasks.load_retrieval_set`), e.g.
+            the five of a COCO image: a text query's one positive is its image; an image query is a hit when any
+            of its captions is in the top k (CLIP_benchmark's rule).
         settings: the DiffDis feature settings (``method`` must be ``"diffdis"``).
         accelerator, progress: as in :func:`zero_shot`.
+        name: the key of the result.
 
     Returns:
-        ``{"retrieval": {"task": "zeroshot_retrieval", "metrics": {image_retrieval_recall@k,
+        ``{name: {"task": "zeroshot_retrieval", "metrics": {image_retrieval_recall@k,
         text_retrieval_recall@k}, "chance": {same keys}, "num_images", "num_texts"}}``.
     """
     settings = resolved_settings(settings or ZeroShotSettings(), model)
@@ -283,8 +291,8 @@ def retrieval(
     for k in (1, 5, 10):
         chance[f"image_retrieval_recall@{k}"] = _chance_hit(len(images), 1, k)
         chance[f"text_retrieval_recall@{k}"] = _chance_hit(len(texts), per_image, k)
-    return {"retrieval": {"task": "zeroshot_retrieval", "metrics": metrics, "chance": chance,
-                          "num_images": len(images), "num_texts": len(texts)}}
+    return {name: {"task": "zeroshot_retrieval", "metrics": metrics, "chance": chance,
+                   "num_images": len(images), "num_texts": len(texts)}}
 
 
 # ---------------------------------------------------------------------------- generation quality
@@ -370,6 +378,11 @@ def _zero_shot_parts(model_dir, options: EvaluationOptions, parts: Sequence[str]
     if "retrieval" in parts and sizes.retrieval_samples > 0:
         images, captions = load_retrieval_set("validation", sizes.retrieval_samples, model.resolution)
         results.update(retrieval(model, images, captions, options.zeroshot, accelerator, options.progress))
+    if "compositional" in parts and sizes.compositional_samples > 0:
+        for name in compositional.COMPOSITIONAL_TASKS:  # each task on its own test images
+            images, tasks = load_zero_shot_tasks("compositional", name, num_samples=sizes.compositional_samples,
+                                                 resolution=model.resolution)
+            results.update(zero_shot(model, tasks, images, options.zeroshot, accelerator, options.progress))
     return results
 
 
@@ -377,8 +390,9 @@ def applicable(model_dir: Union[str, Path]) -> Dict[str, Any]:
     """What a trained model folder can be scored on, from its saved zero-shot pipeline config (no weights loaded).
 
     Returns ``method`` (the training method), ``generates`` (FID and prompt adherence apply), ``discriminates``
-    (text-query zero-shot and retrieval apply) and ``classifier`` (the zero-shot classifier that applies:
-    ``diffdis`` or ``diffusion_classifier``).
+    (text-query zero-shot and retrieval apply), ``classifier`` (the zero-shot classifier that applies:
+    ``diffdis`` or ``diffusion_classifier``) and ``trained_on`` (the run's ``data.name``: the compositional tasks
+    apply to models trained on ``compositional``, whose held-out combinations they never saw).
 
     Raises:
         EvaluationError: the folder has no zero-shot pipeline index (a prior's folder says so).
@@ -393,7 +407,20 @@ def applicable(model_dir: Union[str, Path]) -> Dict[str, Any]:
                               "diffdis from before zero-shot pipelines were saved (train it again)")
     discriminates = index.get("classifier", "text_query") == "text_query"
     return {"method": index.get("method", "diffdis"), "generates": bool(index.get("generates", True)),
-            "discriminates": discriminates, "classifier": "diffdis" if discriminates else "diffusion_classifier"}
+            "discriminates": discriminates, "classifier": "diffdis" if discriminates else "diffusion_classifier",
+            "trained_on": _training_data(model_dir)}
+
+
+def _training_data(model_dir: Union[str, Path]) -> Optional[str]:
+    """``data.name`` of the run that wrote the folder, from its record ``diffdis_config.yaml`` (None without one)."""
+    import yaml
+
+    record = Path(model_dir) / "diffdis_config.yaml"
+    try:
+        data = (yaml.safe_load(record.read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return data.get("name") if isinstance(data, dict) else None
 
 
 def _generation_parts(model_dir, options: EvaluationOptions, parts: Sequence[str], device: str, accelerator) -> Dict[str, Any]:
@@ -427,7 +454,8 @@ def _generation_parts(model_dir, options: EvaluationOptions, parts: Sequence[str
 
 
 def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOptions] = None, accelerator=None) -> Dict[str, Any]:
-    """Evaluate a trained model folder: FID, prompt adherence, zero-shot accuracy on every embedded task, retrieval.
+    """Evaluate a trained model folder: FID, prompt adherence, zero-shot accuracy on every embedded task, retrieval,
+    and zero-shot accuracy on the compositional tasks when the model was trained on that data.
 
     Args:
         model_dir: a trained model folder (``<output_dir>/model``).
@@ -453,12 +481,14 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
         parts = [p for p in parts if p not in ("fid", "adherence")]
     if not scope["discriminates"]:  # no text stream: zero-shot by the diffusion classifier, no retrieval
         parts = [p for p in parts if p != "retrieval"]
+    if scope["trained_on"] != "compositional":  # its "held-out" combinations were in the training data
+        parts = [p for p in parts if p != "compositional"]
     default = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     device = options.device or str(default)
     out: Dict[str, Any] = {"metrics": {}, "fid": None, "adherence": None, "zeroshot": {}, "grid": None, "timings_s": {}}
     if "fid" in parts or "adherence" in parts:
         out.update(_generation_parts(model_dir, options, parts, device, accelerator))
-    if "zeroshot" in parts or "retrieval" in parts:
+    if any(p in parts for p in ("zeroshot", "retrieval", "compositional")):
         t = time.perf_counter()
         out["zeroshot"] = _zero_shot_parts(model_dir, options, parts, options.device or default, accelerator)
         for task, res in out["zeroshot"].items():

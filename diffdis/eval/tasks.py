@@ -7,6 +7,7 @@ wrong: a missing split or column, class names that do not fit the labels, an unr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -62,11 +63,26 @@ Images = Union[torch.Tensor, DatasetImages]  # (N, 3, R, R) in [-1, 1] held in m
 
 
 # ---------------------------------------------------------------------------- zero-shot classification
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
 def _load_hf_dataset(name: str, split: str):
+    """A split of a hub dataset, a saved dataset, a folder of webdataset shards, or an imagefolder."""
     import datasets
 
     path = Path(name)
     try:
+        if path.is_dir() and _is_saved_dataset(path):
+            saved = datasets.load_from_disk(str(path))
+            if isinstance(saved, datasets.DatasetDict):
+                if split not in saved:
+                    raise ValueError(f"no split '{split}'; it has: {', '.join(saved)}")
+                return saved[split]
+            return saved
+        if path.is_dir() and (any(path.glob("*.tar")) or any(path.glob("*/*.tar"))):  # e.g. a clip-benchmark/wds_* copy
+            return datasets.load_dataset("webdataset", data_dir=str(path), split=split)
         if path.is_dir():  # class subfolders (labels from folder names) or imagefolder with metadata
             return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
         return datasets.load_dataset(name, split=split)
@@ -77,6 +93,16 @@ def _load_hf_dataset(name: str, split: str):
 def _check_column(dataset, column: str, kind: str) -> None:
     if column not in dataset.column_names:
         raise EvaluationError(f"unknown {kind} column '{column}'; the dataset has: {', '.join(dataset.column_names)}")
+
+
+def _image_column(dataset, column: Optional[str]) -> str:
+    """``column``, or (None) ``image`` when present, else the dataset's only image column (webdataset: ``webp``...)."""
+    import datasets
+
+    if column is not None or "image" in dataset.column_names:
+        return column or "image"
+    found = [k for k, f in dataset.features.items() if isinstance(f, datasets.Image)]
+    return found[0] if len(found) == 1 else "image"
 
 
 def _classnames_for(dataset, task: str, label_column: str, classnames: Optional[str],
@@ -95,12 +121,25 @@ def _classnames_for(dataset, task: str, label_column: str, classnames: Optional[
     return names, chosen
 
 
+def _index_names(feature) -> bool:
+    """A ClassLabel whose names are the class indices 0..C-1 (folders named by index, sorted as strings)."""
+    names = getattr(feature, "names", None) or []
+    return all(n.isdigit() for n in names) and sorted(int(n) for n in names) == list(range(len(names)))
+
+
 def _label_ids(dataset, column: str, names: Optional[List[str]]) -> torch.Tensor:
-    """Class ids of ``column``: a ClassLabel or integers as they are, strings mapped to their index in ``names``."""
+    """Class ids of ``column``: a ClassLabel or integers as they are, strings mapped to their index in ``names``.
+
+    A ClassLabel named by class indices (folders ``0``, ``1``, ..., ``10``, which an imagefolder sorts as strings)
+    gives the index its name states, not its position.
+    """
     import datasets
 
     feature = dataset.features.get(column)
     dtype = getattr(feature, "dtype", "")
+    if isinstance(feature, datasets.ClassLabel) and _index_names(feature):
+        by_name = torch.tensor([int(n) for n in feature.names])
+        return by_name[torch.tensor(dataset[column]).long()]
     if isinstance(feature, datasets.ClassLabel) or (isinstance(feature, datasets.Value) and dtype.startswith(("int", "uint"))):
         return torch.tensor(dataset[column]).long()
     strings = isinstance(feature, datasets.Value) and dtype in ("string", "large_string")
@@ -120,13 +159,53 @@ def _ids_from_names(values: Sequence, names: List[str], column: str) -> torch.Te
     return torch.tensor([index[v] for v in values], dtype=torch.long)
 
 
+def normalise_classname(name: str) -> str:
+    """A class name as compared with a dataset's ClassLabel: camelCase split, lower case, punctuation, ``_`` and
+    ``-`` as spaces, single spaces (``"SeaLake"`` -> ``"sea lake"``, ``"kite (bird of prey)"`` -> ``"kite bird of prey"``)."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name)
+    return " ".join(re.sub(r"[^\w\s']|_", " ", spaced.lower()).split())
+
+
+def same_class(ours: str, theirs: str) -> bool:
+    """Whether a prompt class name names a dataset's ClassLabel name: equal after :func:`normalise_classname`, or
+    the words of one contained in the words of the other, for any of the ClassLabel's comma-separated synonyms
+    (``"tench"`` and ``"tench, Tinca tinca"``; ``"annual crop land"`` and ``"AnnualCrop"``)."""
+    mine = set(normalise_classname(ours).split())
+    for synonym in theirs.split(","):
+        words = set(normalise_classname(synonym).split())
+        if words and mine and (words <= mine or mine <= words):
+            return True
+    return False
+
+
+def check_class_order(names: Sequence[str], dataset_names: Sequence[str], column: str = "label") -> None:
+    """Refuse class names that do not follow a ClassLabel's order, name by name (:func:`same_class`).
+
+    A list in another order would score every image against the wrong class names and give a wrong accuracy
+    without any other sign.
+
+    Raises:
+        EvaluationError: naming the first position where the two lists differ.
+    """
+    if len(names) != len(dataset_names):
+        raise EvaluationError(f"{len(names)} class names given but the label column declares {len(dataset_names)} classes")
+    for i, (ours, theirs) in enumerate(zip(names, dataset_names)):
+        if not same_class(ours, theirs):
+            raise EvaluationError(
+                f"class names out of the dataset's order: class {i} is {ours!r} in the class names but {theirs!r} in "
+                f"the ClassLabel of column '{column}'; give the names in the dataset's label order")
+
+
 def _check_classes(dataset, column: str, names: Optional[List[str]], labels: torch.Tensor) -> List[str]:
-    """The class names, checked against the declared number of classes and the range of the labels."""
+    """The class names, checked against the ClassLabel's names (or its number of classes) and the range of the labels."""
     if names is None:
         raise EvaluationError(f"no class names: column '{column}' is not a ClassLabel; pass --classnames FILE")
-    declared = getattr(dataset.features.get(column), "num_classes", None)
+    feature = dataset.features.get(column)
+    declared = getattr(feature, "num_classes", None)
     if declared is not None and len(names) != declared:
         raise EvaluationError(f"{len(names)} class names given but the label column declares {declared} classes")
+    if declared is not None and not _index_names(feature):
+        check_class_order(names, feature.names, column)
     if int(labels.max()) >= len(names) or int(labels.min()) < 0:
         raise EvaluationError(
             f"{len(names)} class names given but the labels range over {int(labels.min())}..{int(labels.max())}"
@@ -134,34 +213,51 @@ def _check_classes(dataset, column: str, names: Optional[List[str]], labels: tor
     return names
 
 
+def default_dataset(task: str) -> str:
+    """The dataset a task runs on when none is named: a benchmark's hub dataset, else ``"embedded"``."""
+    bench = zs.benchmark_dataset(task) if task in zs.task_names() else None
+    return bench.hub if bench is not None else "embedded"
+
+
 def load_zero_shot_tasks(
-    dataset: str = "embedded",
+    dataset: Optional[str] = None,
     task: str = "all",
     split: Optional[str] = None,
     num_samples: Optional[int] = None,
     resolution: int = 16,
-    image_column: str = "image",
-    label_column: str = "label",
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
     classnames: Optional[str] = None,
     templates: Optional[str] = None,
 ) -> Tuple[DatasetImages, Dict[str, ZeroShotTask]]:
     """The images and tasks of a zero-shot classification run.
 
     Args:
-        dataset: ``"embedded"``, a hub dataset name, or a local folder (class subfolders or an imagefolder).
+        dataset: ``"embedded"``, a hub dataset name, a local folder (class subfolders, an imagefolder, webdataset
+            shards or a saved dataset), or None: the hub dataset of a benchmark ``task``
+            (:func:`~diffdis.eval.zeroshot.benchmark_dataset`), else ``"embedded"``.
         task: embedded: ``shape``, ``colour``, ``colour_shape`` or ``all``; other datasets: a built-in task
             whose class names and templates to use (:func:`~diffdis.eval.zeroshot.task_names`), or ``auto``.
-        split: the split (default ``test``; a plain folder without ``test/`` loads as one ``train`` split).
+        split: the split (default: the benchmark's, else ``test``; a plain folder without ``test/`` loads as one
+            ``train`` split).
         num_samples: keep only the first N images.
         resolution: the model's input size.
-        image_column, label_column: columns of a non-embedded dataset.
+        image_column: default ``image``, or the dataset's only image column.
+        label_column: default ``label``, or the benchmark's label column when the dataset has no ``label``.
         classnames, templates: files that override the class names and templates.
 
     Returns:
         ``(images, {task name: ZeroShotTask})``; the embedded ``all`` gives its three tasks on the same images.
+
+    Raises:
+        EvaluationError: a missing split or column, or class names that do not fit the labels: a count that
+        differs, or (for a ClassLabel) a name that differs at some position (:func:`check_class_order`).
     """
-    chosen_split = split or "test"
-    if Path(dataset).is_dir() and split is None and not (Path(dataset) / "test").is_dir():
+    bench = zs.benchmark_dataset(task) if task in zs.task_names() else None
+    dataset = dataset or default_dataset(task)
+    chosen_split = split or (bench.split if bench is not None else "test")
+    if Path(dataset).is_dir() and split is None and not (Path(dataset) / chosen_split).is_dir() \
+            and not _is_saved_dataset(Path(dataset)):
         chosen_split = "train"  # a plain folder of class subfolders loads as one "train" split
     if dataset == "embedded":
         from ..data.embedded import make_embedded_dataset
@@ -182,6 +278,9 @@ def load_zero_shot_tasks(
     data = _load_hf_dataset(dataset, chosen_split)
     if num_samples is not None:
         data = data.select(range(min(num_samples, len(data))))
+    image_column = _image_column(data, image_column)
+    if label_column is None:
+        label_column = "label" if "label" in data.column_names or bench is None else bench.label_column
     _check_column(data, image_column, "image")
     _check_column(data, label_column, "label")
     if len(data) == 0:
@@ -195,15 +294,54 @@ def load_zero_shot_tasks(
 
 # ---------------------------------------------------------------------------- retrieval
 def load_retrieval_set(
-    split: str = "validation", num_samples: Optional[int] = None, resolution: int = 16
+    split: str = "validation",
+    num_samples: Optional[int] = None,
+    resolution: int = 16,
+    dataset: Optional[str] = None,
+    images: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    image_column: Optional[str] = None,
 ) -> Tuple[DatasetImages, List[List[str]]]:
-    """Embedded images and every phrasing of each image's caption (all of them count as its captions)."""
-    from ..data.embedded import make_embedded_dataset
+    """Images and every caption of each image (all of them count as its captions).
 
-    data = make_embedded_dataset(split, num_samples, resolution=resolution)
+    Args:
+        split: the split (a Karpathy file: ``test``, ``val``, ``train`` or ``restval``).
+        num_samples: keep only the first N images.
+        resolution: the model's input size.
+        dataset: None or ``"embedded"`` (every phrasing of the embedded captions), a COCO / Flickr30k
+            Karpathy-split ``.json`` file (:func:`~diffdis.eval.captions.load_karpathy_split`), or a hub dataset,
+            imagefolder or saved dataset whose caption column holds one caption or a list per image.
+        images: the image folder of a Karpathy file (default: the file's folder).
+        caption_column: default: the first of ``captions``, ``caption``, ``text``, ``sentences``.
+        image_column: default ``image``, or the dataset's only image column.
+
+    Raises:
+        EvaluationError: a missing file, split or column, an image without captions, an empty set.
+    """
+    from . import captions as cap
+
+    try:
+        if dataset in (None, "embedded"):
+            from ..data.embedded import make_embedded_dataset
+
+            data, column = make_embedded_dataset(split, num_samples, resolution=resolution), "image"
+            texts = [list(c) for c in data["captions"]]
+        elif str(dataset).endswith(".json"):
+            (data, texts), column = cap.load_karpathy_split(dataset, split, images, num_samples), "image"
+        else:
+            if Path(dataset).is_dir() and not (Path(dataset) / split).is_dir() and not _is_saved_dataset(Path(dataset)):
+                split = "train"  # a plain imagefolder loads as one "train" split
+            data = _load_hf_dataset(dataset, split)
+            if num_samples is not None:
+                data = data.select(range(min(num_samples, len(data))))
+            column = _image_column(data, image_column)
+            _check_column(data, column, "image")
+            texts = cap.caption_lists(data, caption_column)[1]
+    except cap.CaptionSetError as err:
+        raise EvaluationError(str(err)) from None
     if len(data) == 0:
         raise EvaluationError("the dataset is empty")
-    return DatasetImages(data, "image", resolution), [list(c) for c in data["captions"]]
+    return DatasetImages(data, column, resolution), texts
 
 
 # ---------------------------------------------------------------------------- FID reference

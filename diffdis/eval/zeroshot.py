@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +43,53 @@ def _check_templates(templates: Sequence[str], source: str) -> List[str]:
     return templates
 
 
-def load_task(name: str) -> Tuple[List[str], List[str]]:
-    """Built-in class names and template ensemble of a task, e.g. ``"cifar10"``, ``"imagenet1k"``, ``"shape"``."""
+def _task_file(name: str) -> dict:
     if name not in task_names():
         raise TemplateError(f"unknown zero-shot task {name!r}; choose one of {', '.join(task_names())}")
-    data = json.loads((resources.files("diffdis.eval") / "templates" / f"{name}.json").read_text())
+    return json.loads((resources.files("diffdis.eval") / "templates" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def load_task(name: str) -> Tuple[List[str], List[str]]:
+    """Built-in class names and template ensemble of a task, e.g. ``"cifar10"``, ``"imagenet1k"``, ``"shape"``."""
+    data = _task_file(name)
     return list(data["classnames"]), _check_templates(data["templates"], name)
+
+
+class BenchmarkDataset(NamedTuple):
+    """Where a benchmark task's images live: a hub dataset id, its split and label column.
+
+    The hub ids are CLIP_benchmark's own copies (``clip-benchmark/wds_*``: webdataset shards whose integer
+    ``cls`` follows the class order of the task's names); the image column is the shard's image file type.
+    """
+
+    hub: str
+    split: str
+    label_column: str
+
+
+def benchmark_names() -> List[str]:
+    """The built-in tasks that name a dataset (:func:`benchmark_dataset`): CLIP_benchmark's classification sets.
+
+    ============== ======= ============== ======= ============== =======
+    task           classes task           classes task           classes
+    ============== ======= ============== ======= ============== =======
+    imagenet1k     1000    flowers        102     sun397         397
+    cifar10        10      caltech101     102     gtsrb          43
+    cifar100       100     cars           196     resisc45       45
+    stl10          10      fgvc_aircraft  100     mnist          10
+    food101        101     dtd            47      country211     211
+    pets           37      eurosat        10
+    ============== ======= ============== ======= ============== =======
+    """
+    return [name for name in task_names() if "dataset" in _task_file(name)]
+
+
+def benchmark_dataset(name: str) -> Optional[BenchmarkDataset]:
+    """The dataset of a built-in task (None for a task without one, e.g. the embedded ``shape``)."""
+    spec = _task_file(name).get("dataset")
+    if spec is None:
+        return None
+    return BenchmarkDataset(spec["hub"], spec.get("split", "test"), spec.get("label_column", "label"))
 
 
 ENSEMBLES = ("mean", "max")
@@ -63,8 +104,7 @@ def task_ensemble(name: str) -> str:
     """
     if name not in task_names():
         return "mean"
-    data = json.loads((resources.files("diffdis.eval") / "templates" / f"{name}.json").read_text())
-    ensemble = data.get("ensemble", "mean")
+    ensemble = _task_file(name).get("ensemble", "mean")
     if ensemble not in ENSEMBLES:
         raise TemplateError(f"{name}: ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
     return ensemble
@@ -215,10 +255,15 @@ def save_confusion_matrix_png(cm: torch.Tensor, classnames: Sequence[str], path:
     plt.close(fig)
 
 
-def _recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> torch.Tensor:
-    """Per query: 1 when any positive is in the top k (CLIP_benchmark's hit rule). (Q, M) -> (Q,)."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (Q, k)
-    return positives.gather(1, top).any(dim=1).float()
+def _top_hits(queries: torch.Tensor, keys: torch.Tensor, is_positive: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              k: int, chunk_size: int) -> torch.Tensor:
+    """(Q, k) bool: whether each query's j-th best key is one of its positives, ``chunk_size`` queries at a time."""
+    hits = []
+    for start in range(0, queries.shape[0], chunk_size):
+        scores = queries[start : start + chunk_size] @ keys.T  # (b, M)
+        top = scores.topk(min(k, keys.shape[0]), dim=1).indices  # (b, k)
+        hits.append(is_positive(torch.arange(start, start + scores.shape[0]), top))
+    return torch.cat(hits)
 
 
 def retrieval_metrics(
@@ -226,24 +271,29 @@ def retrieval_metrics(
     text_features: torch.Tensor,
     text_to_image_index: torch.Tensor,
     recall_k: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
 ) -> Dict[str, float]:
-    """Recall@k both ways, named as CLIP_benchmark.
+    """Recall@k both ways, named and counted as CLIP_benchmark does.
 
     Args:
         image_features: (N_img, d) normalised. text_features: (N_txt, d) normalised.
-        text_to_image_index: (N_txt,) the image each caption belongs to.
+        text_to_image_index: (N_txt,) the image each caption belongs to (an image may have several captions).
+        recall_k: the k's.
+        chunk_size: queries scored at once (memory: chunk_size x N_txt scores, never the whole matrix).
 
     Returns:
-        ``image_retrieval_recall@k`` (text query -> images) and ``text_retrieval_recall@k``
-        (image query -> texts; a hit is any of the image's captions in the top k).
+        ``image_retrieval_recall@k`` (text query -> images: a hit when the caption's image is in the top k) and
+        ``text_retrieval_recall@k`` (image query -> texts: a hit when any of the image's captions is in the top k),
+        each the share of queries with a hit.
     """
-    scores = text_features.float() @ image_features.float().T  # (N_txt, N_img)
-    positives = torch.zeros_like(scores, dtype=torch.bool)
-    positives[torch.arange(scores.shape[0]), text_to_image_index.long()] = True
+    images, texts, index = image_features.float(), text_features.float(), text_to_image_index.long().cpu()
+    k_max = max(recall_k)
+    text_hits = _top_hits(texts, images, lambda q, top: top.cpu() == index[q, None], k_max, chunk_size)  # (N_txt, k)
+    image_hits = _top_hits(images, texts, lambda q, top: index[top.cpu()] == q[:, None], k_max, chunk_size)  # (N_img, k)
     metrics = {}
     for k in recall_k:
-        metrics[f"image_retrieval_recall@{k}"] = _recall_at_k(scores, positives, k).mean().item()
-        metrics[f"text_retrieval_recall@{k}"] = _recall_at_k(scores.T, positives.T, k).mean().item()
+        metrics[f"image_retrieval_recall@{k}"] = text_hits[:, :k].any(dim=1).float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = image_hits[:, :k].any(dim=1).float().mean().item()
     return metrics
 
 

@@ -8,6 +8,10 @@ lists arms under ``arms``, each a mapping of config keys (dotted or nested) or a
       diffdis: {method: diffdis}
       gen_only: [method=gen_only]
       lam0.1: {method: diffdis, loss.lambda_ita: 0.1}
+      rleg: {method: rleg, model.rleg.generator: "{run:diffdis}"}
+
+An override value may name another arm's trained model of the same seed as ``{run:ARM}`` (that arm must be
+listed before it): ``model.rleg.generator={run:diffdis}`` is the diffdis arm's ``<out>/diffdis/seed<k>/model``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a folder name on every file system
+RUN_REF = re.compile(r"\{run:([^}]*)\}")  # {run:ARM}: that arm's model folder for the same seed
 RESERVED = ("train.seed", "train.output_dir")  # set per run by the comparison itself
 
 
@@ -124,15 +129,42 @@ def arms_from_file(path: Union[str, Path]) -> List[Arm]:
     return arms
 
 
-LEFT_OUT = ("prior",)  # methods with no default arm: method=prior trains on a CLIP model folder (model.prior.clip)
+LEFT_OUT = ("prior",)  # methods with no default arm: a prior is scored by the rleg run that reads it, not on its own
+NEEDS_RUN = {"rleg": ("model.rleg.generator", "diffdis")}  # method: (key, the arm whose model it reads)
 
 
 def default_arms() -> List[Arm]:
     """One arm per registered training method (``diffdis.methods.available()``, less :data:`LEFT_OUT`), each
-    ``method=NAME``."""
+    ``method=NAME``; a method that reads another method's trained model (:data:`NEEDS_RUN`) comes after that arm and
+    reads its run of the same seed."""
     from ..methods import available
 
-    return [Arm(name, (f"method={name}",)) for name in available() if name not in LEFT_OUT]
+    names = [name for name in available() if name not in LEFT_OUT]
+    arms = {name: Arm(name, (f"method={name}",)) for name in names}
+    for name, (key, source) in NEEDS_RUN.items():
+        if name in arms and source in arms:
+            arms[name] = Arm(name, (f"method={name}", f"{key}={{run:{source}}}"))
+            names.remove(name)
+            names.insert(names.index(source) + 1, name)
+    return [arms[name] for name in names]
+
+
+def resolve_runs(arms: Sequence[Arm], arm: Arm, model_dir: Callable[[Arm], str]) -> List[str]:
+    """``arm``'s overrides with every ``{run:NAME}`` replaced by ``model_dir(<arm NAME>)``.
+
+    Raises:
+        CompareError: NAME is not an arm listed before ``arm``.
+    """
+    earlier = {a.name: a for a in arms[: list(arms).index(arm)]}
+
+    def swap(match: "re.Match[str]") -> str:
+        name = match.group(1)
+        if name not in earlier:
+            where = "is not an arm" if name not in {a.name for a in arms} else "must be listed before it"
+            raise CompareError(f"arm {arm.name!r}: {{run:{name}}}: {name!r} {where}")
+        return model_dir(earlier[name])
+
+    return [RUN_REF.sub(swap, o) for o in arm.overrides]
 
 
 def validate_arms(arms: Sequence[Arm], config: Optional[str], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -158,8 +190,9 @@ def validate_arms(arms: Sequence[Arm], config: Optional[str], overrides: Sequenc
         for o in list(overrides) + list(arm.overrides):
             if o.split("=", 1)[0].strip() in RESERVED:
                 raise CompareError(f"arm {arm.name!r}: {o.split('=', 1)[0]} is set per run by the comparison (use --seeds)")
+        mine = resolve_runs(arms, arm, lambda other: f"{other.dirname}/seed0/model")  # checked now, trained later
         try:
-            configs[arm.name] = load_config(config, [*overrides, *arm.overrides])
+            configs[arm.name] = load_config(config, [*overrides, *mine])
         except ConfigError as err:
             raise CompareError(f"arm {arm.name!r}: {err}") from None
     return configs

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..eval.api import EvaluationOptions, evaluate_model, preset_sizes, report
-from .arms import Arm, CompareError
+from .arms import Arm, CompareError, resolve_runs
 
 COST_KEYS = ("trainable_parameters", "total_parameters", "ms_per_step", "peak_rss_mb", "peak_cuda_memory_mb",
              "train_loop_seconds")  # what train_summary.json says a run cost (diffdis.train.trainer.resource_summary)
@@ -49,10 +49,13 @@ def run_dir(settings: CompareSettings, out: Path, arm: Arm, seed: int) -> Path:
     return Path(out) / settings.run_folder.format(arm=arm.dirname, seed=seed)
 
 
-def train_overrides(settings: CompareSettings, arm: Arm, seed: int, folder: Path) -> List[str]:
-    """The child's config arguments: output folder, base, common and arm overrides, then the seed (last wins)."""
+def train_overrides(settings: CompareSettings, arm: Arm, seed: int, folder: Path, out: Optional[Path] = None) -> List[str]:
+    """The child's config arguments: output folder, base, common and arm overrides, then the seed (last wins).
+    With ``out``, an override's ``{run:ARM}`` becomes that arm's model folder for ``seed`` (else it stays as written)."""
     config = ["--config", settings.config] if settings.config else []
-    return [*config, f"train.output_dir={folder}", *settings.base_overrides, *settings.overrides, *arm.overrides,
+    mine = list(arm.overrides) if out is None else resolve_runs(
+        settings.arms, arm, lambda other: str(run_dir(settings, out, other, seed) / "model"))
+    return [*config, f"train.output_dir={folder}", *settings.base_overrides, *settings.overrides, *mine,
             f"train.seed={seed}"]
 
 
@@ -88,7 +91,7 @@ def is_trained(folder: Path) -> bool:
     return (folder / "model" / "zeroshot_index.json").is_file() and (folder / "train_summary.json").is_file()
 
 
-def train_run(settings: CompareSettings, arm: Arm, seed: int, folder: Path) -> None:
+def train_run(settings: CompareSettings, arm: Arm, seed: int, folder: Path, out: Path) -> None:
     """Train one run in a child process, its output to ``<folder>/train.log``.
 
     Raises:
@@ -96,7 +99,7 @@ def train_run(settings: CompareSettings, arm: Arm, seed: int, folder: Path) -> N
     """
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "train.log"
-    cmd = [*settings.train_command, *train_overrides(settings, arm, seed, folder)]
+    cmd = [*settings.train_command, *train_overrides(settings, arm, seed, folder, out)]
     with log.open("w") as fh:
         code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(settings.env) if settings.env else None).returncode
     if code or not is_trained(folder):
@@ -134,7 +137,7 @@ def run_one(settings: CompareSettings, out: Path, arm: Arm, seed: int) -> Dict[s
         if not is_trained(folder):
             folder.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(identity, indent=1) + "\n")
-            train_run(settings, arm, seed, folder)
+            train_run(settings, arm, seed, folder, Path(out))
             record["trained"] = True
         previous = json.loads(saved.read_text()) if saved.is_file() else {}
         metrics = folder / "eval" / "metrics.json"

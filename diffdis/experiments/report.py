@@ -15,16 +15,20 @@ GENERATION = (("fid", "FID ↓"), ("adherence/shape", "adherence shape"), ("adhe
               ("adherence/both", "adherence both"))
 COST = (("trainable_parameters", "trainable params (M)"), ("ms_per_step", "ms / step"), ("peak_rss_mb", "peak RSS (MiB)"),
         ("peak_cuda_memory_mb", "peak CUDA (MiB)"))
+TASK_ORDER = ("shape", "colour", "colour_shape", "heldout_colour_shape", "seen_colour_shape", "relation", "size",
+              "position")  # the embedded tasks, then the compositional ones
 SCALE = {"trainable_parameters": 1e-6}  # shown in millions
 DIGITS = {"fid": 2, "trainable_parameters": 2, "ms_per_step": 1, "peak_rss_mb": 0, "peak_cuda_memory_mb": 0}
 
 
 def columns(stats: Stats) -> List[Tuple[str, str, str]]:
-    """The headline columns present in any arm, in order, as ``(group, metric, label)``: zero-shot top-1 per task,
-    retrieval R@1/R@5 both ways, FID and prompt adherence, then trainable parameters, ms per step and peak memory."""
+    """The headline columns present in any arm, in order, as ``(group, metric, label)``: zero-shot top-1 per task
+    (and the relation task's pair accuracy), retrieval R@1/R@5 both ways, FID and prompt adherence, then trainable parameters, ms per step and peak memory."""
     present = {key for arm in stats.values() for key in arm}
-    tasks = sorted({k[: -len("/acc1")] for k in present if k.endswith("/acc1") and not k.startswith("retrieval/")})
+    found = {k[: -len("/acc1")] for k in present if k.endswith("/acc1") and not k.startswith("retrieval/")}
+    tasks = [t for t in TASK_ORDER if t in found] + sorted(found - set(TASK_ORDER))
     wanted = [("zero-shot top-1", f"{t}/acc1", f"zero-shot {t}") for t in tasks]
+    wanted += [("zero-shot top-1", f"{t}/pair_acc", f"{t} pair accuracy") for t in tasks]  # relation: chance 0.5
     wanted += [("retrieval recall", key, label) for key, label in RETRIEVAL]
     wanted += [("FID" if key == "fid" else "prompt adherence", key, label) for key, label in GENERATION]
     wanted += [("peak memory (MiB)" if "peak" in key else label, key, label) for key, label in COST]
