@@ -209,8 +209,12 @@ class DualStreamUNet(ModelMixin, ConfigMixin):
     def _post_mid(self, mid: torch.Tensor, state: TextStreamState) -> torch.Tensor:
         img = mid.flatten(2).transpose(1, 2)  # (B, h*w, C)
         txt = self.post_in(state.h + state.cond)  # (B, 1, C)
-        for layer in self.post_layers:
-            img, txt, kv = layer(img, txt, state.one_way)
+        last = len(self.post_layers) - 1
+        for i, layer in enumerate(self.post_layers):
+            if i < last:
+                img, txt, kv = layer(img, txt, state.one_way)  # (B, h*w, C), (B, 1, C)
+            else:  # the image tokens' outputs of the last layer are never read
+                txt, kv = layer.forward_text(img, txt)  # (B, 1, C)
             if state.record is not None:
                 state.record.post_kv.append(kv)
         return self.text_head(self.post_norm(txt)).squeeze(1)  # (B, d_e)

@@ -187,6 +187,21 @@ class PostMidLayer(nn.Module):
         x = self._finish(x, out)  # (B, N+1, C)
         return x[:, :n], x[:, n:], (k[:, :, :n], v[:, :, :n])
 
+    def forward_text(self, img: torch.Tensor, txt: torch.Tensor):
+        """The text token's output of :meth:`forward` alone (either fusion mode: the text token attends to every
+        token), for the last layer, whose image outputs nobody reads: image queries, projections and MLP are skipped.
+
+        img (B, N, C), txt (B, 1, C) -> (updated txt, (K_img, V_img)).
+        """
+        dim = txt.shape[-1]
+        x = self.norm1(torch.cat([img, txt], dim=1))  # (B, N+1, C)
+        k, v = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:]).chunk(2, dim=-1)  # (B, N+1, C) each
+        q = F.linear(x[:, -1:], self.qkv.weight[:dim], self.qkv.bias[:dim])  # (B, 1, C)
+        k, v = _split_heads(k, self.heads), _split_heads(v, self.heads)  # (B, H, N+1, d)
+        out = F.scaled_dot_product_attention(_split_heads(q, self.heads), k, v)  # (B, H, 1, d)
+        n = img.shape[1]
+        return self._finish(txt, out), (k[:, :, :n], v[:, :, :n])
+
     def replay(self, txt: torch.Tensor, k_img: torch.Tensor, v_img: torch.Tensor) -> torch.Tensor:
         """Text token only, against cached image keys/values: (B, 1, C) -> (B, 1, C)."""
         q, k, v = self._qkv(txt)  # (B, H, 1, d)
