@@ -4,6 +4,7 @@ equals the plain one it replaces."""
 
 from __future__ import annotations
 
+import copy
 from typing import Dict
 
 import pytest
@@ -15,7 +16,7 @@ import diffdis.methods as methods
 from diffdis.config import load_config
 from diffdis.models import DualStreamUNet
 from diffdis.models.fusion import PostMidLayer
-from diffdis.train.build import Components
+from diffdis.train.build import Components, build_optimizer
 
 # loss terms and the summed |gradient| of each part after one step of `_step(fusion, ig_fraction)`, from 1191deb
 RECORDED = {
@@ -92,6 +93,30 @@ def test_the_last_post_mid_layer_computes_the_text_token_alone_as_the_whole_laye
     grads = torch.autograd.grad(whole.square().sum(), [img, txt, *layer.parameters()])
     grads_alone = torch.autograd.grad(alone.square().sum(), [img, txt, *layer.parameters()])
     torch.testing.assert_close(grads_alone, grads)
+
+
+def test_the_fused_adamw_update_equals_the_default_one():
+    method, tok, cfg = _method("joint", 1.0)
+    method(*_batch(method, tok), torch.Generator().manual_seed(0), gather=False)["loss"].backward()
+    grads = {name: p.grad.clone() for name, p in method.named_parameters() if p.grad is not None}
+    updated = {}
+    for fused in (False, True):
+        copy_ = copy.deepcopy(method)
+        cfg.train.adam_fused = fused
+        optimizer = build_optimizer(cfg, copy_)
+        assert bool(optimizer.defaults["fused"]) == fused
+        for step in range(3):  # the same gradients each step; later steps read the moments of the first
+            for name, p in copy_.named_parameters():
+                p.grad = grads[name] * (step + 1) if name in grads else None
+            optimizer.step()
+        updated[fused] = {name: p.detach() for name, p in copy_.named_parameters()}
+    torch.testing.assert_close(updated[True], updated[False], rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_is_fused_by_default_where_torch_has_the_kernel():
+    method, _, cfg = _method("joint", 1.0)
+    assert build_optimizer(cfg, method).defaults["fused"] is True  # CPU
+    assert not build_optimizer(cfg, method, torch.device("meta")).defaults["fused"]
 
 
 if __name__ == "__main__":  # prints RECORDED for the code on the path

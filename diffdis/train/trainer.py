@@ -270,7 +270,7 @@ def setup(cfg) -> Run:
         loader = DataLoader(
             examples, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers
         )
-    optimizer = build_optimizer(cfg, module)
+    optimizer = build_optimizer(cfg, module, accelerator.device)
     lr_scheduler = get_scheduler(
         t.lr_scheduler,
         optimizer,
