@@ -35,7 +35,11 @@ TRAIN = ("ours_step_s", "reference_step_s", "ratio", "ours_img_s", "reference_im
          "reference_runs_s", "steps_per_round", "train_batch", "latent_shape", "ours_unet", "reference_unet",
          "ours_text_encoder", "reference_text_encoder", "ours_optimizer", "reference_optimizer",
          "ours_unet_input_shape", "reference_unet_input_shape", "image_size", "unet_generation_params", "preset",
-         "overrides", "lambda_ita", "ig_fraction", "prediction_type", "reference")
+         "overrides", "lambda_ita", "ig_fraction", "prediction_type", "reference",
+         "equal_work_step_s", "equal_work_img_s", "equal_work_runs_s", "equal_work_ratio", "equal_work_unet",
+         "equal_work_unet_input_shape", "reference_same_optimizer_step_s", "reference_same_optimizer_runs_s",
+         "equal_work_ratio_same_optimizer", "ratios", "ours_optimizer_fused", "reference_optimizer_fused",
+         "reference_same_optimizer_optimizer_fused", "ita_fraction", "note", "load_average_before", "equal_work")
 SMALL_UNET = ["model.unet.block_out_channels=[16,32]", "model.unet.norm_num_groups=8", "model.unet.attention_head_dim=2",
               "model.text_encoder.hidden_size=32", "model.text_encoder.num_hidden_layers=1",
               "model.text_encoder.num_attention_heads=2", "model.text_encoder.intermediate_size=64",
@@ -125,19 +129,53 @@ def test_zeroshot_arms_classify_the_same_images(model_dirs, tmp_path):
 
 
 def test_train_reference_is_the_plain_diffusers_step_on_the_same_batch(tmp_path):
-    result = _run(["train", "--steps-per-round", "1", "--repeats", "1", "--batch-size", "4", "--device", "cpu",
-                   *SMALL_UNET], tmp_path / "t.json")
+    result = _run(["train", "--steps-per-round", "1", "--repeats", "2", "--batch-size", "4", "--device", "cpu",
+                   "--profile-steps", "1", "--note", "shared machine", *SMALL_UNET], tmp_path / "t.json")
     _check_fields(result, TRAIN)
     assert result["reference_unet"] == "diffusers.models.unets.unet_2d_condition.UNet2DConditionModel"
-    assert result["ours_unet"] == "diffdis.models.dual_stream_unet.DualStreamUNet"
+    assert result["ours_unet"] == result["equal_work_unet"] == "diffdis.models.dual_stream_unet.DualStreamUNet"
     assert result["reference_text_encoder"] == result["ours_text_encoder"]
     assert result["reference_optimizer"] == result["ours_optimizer"] == "torch.optim.adamw.AdamW"
-    # the default folds 2x2 patches: 16x16 images are 8x8x12 latents for both generation UNets
-    assert result["ours_unet_input_shape"] == result["reference_unet_input_shape"] == result["latent_shape"] == [12, 8, 8]
+    # the script's default AdamW; ours fuses it on CPU, and so does the like-for-like reference
+    assert not result["reference_optimizer_fused"]
+    assert result["ours_optimizer_fused"] and result["reference_same_optimizer_optimizer_fused"]
+    # the default folds 2x2 patches: 16x16 images are 8x8x12 latents for both generation UNets; the default recipe
+    # runs L_IG on half the batch, equal work on all of it
+    assert result["reference_unet_input_shape"] == result["equal_work_unet_input_shape"] == result["latent_shape"] == [12, 8, 8]
+    assert result["ours_unet_input_shape"] == [12, 8, 8] and result["ig_fraction"] == 0.5
     assert result["train_batch"] == result["batch_size"] == 4 and result["image_size"] == 16
-    assert result["overrides"] == SMALL_UNET and result["steps_per_round"] == 1
+    assert result["overrides"] == SMALL_UNET and result["steps_per_round"] == 1 and result["note"] == "shared machine"
     _check_positive(result, ("ours_step_s", "reference_step_s", "ratio", "ours_img_s", "reference_img_s", "ours_runs_s",
-                             "reference_runs_s", "wall_s"))
+                             "reference_runs_s", "wall_s", "equal_work_step_s", "equal_work_ratio",
+                             "equal_work_ratio_same_optimizer", "reference_same_optimizer_step_s"))
+    spread = result["ratios"]["equal_work/reference"]
+    assert spread["rounds"] == 2 and spread["min"] <= spread["q1"] <= spread["median"] <= spread["q3"] <= spread["max"]
+    profile = result["profile"]
+    assert set(profile["reference"]["phases_ms"]) == {"text_encoder", "data", "generation_forward",
+                                                      "generation_backward", "optimizer"}
+    assert set(profile["equal_work"]["phases_ms"]) == {"text_encoder", "generation_forward", "discrimination_forward",
+                                                       "generation_backward", "discrimination_backward", "optimizer"}
+    # the discrimination pass runs the encoder half and the mid block, never the decoder
+    assert result["discrimination_pass_ran"] == ["time_proj", "time_embedding", "conv_in", "down_blocks.0",
+                                                 "down_blocks.1", "mid_block"]
+
+
+def test_train_phased_step_is_the_step():
+    """The profiled step, split into phases, computes the loss of the real one."""
+    from benchmarks.common import build_tiny
+    from benchmarks.train import _ours_step, _no_phase
+    from diffdis.config import load_config
+
+    cfg = load_config(None, SMALL_UNET)
+    components = build_tiny(cfg)
+    u = components.unet.config
+    latents = torch.randn(4, u.in_channels, u.sample_size, u.sample_size, generator=torch.Generator().manual_seed(0))
+    tok = components.tokenizer
+    ids = tok(["a red circle", "a blue square", "a green star", ""], padding="max_length",
+              max_length=tok.model_max_length, return_tensors="pt").input_ids
+    plain, _ = _ours_step(cfg, components, latents, ids[:3].repeat(2, 1)[:4], ids[3:])
+    phased, _ = _ours_step(cfg, components, latents, ids[:3].repeat(2, 1)[:4], ids[3:])
+    assert phased(_no_phase) == pytest.approx(plain(), rel=1e-6)
 
 
 def test_presets_run_with_random_weights(tmp_path):
