@@ -8,6 +8,7 @@ from typing import Callable, Dict, Iterator, List
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode
 
 # phases of a step, in order; an arm reports those it has (the reference has no discrimination pass, and its noise
 # and timestep draws are "data"; ours draws them inside its passes)
@@ -42,15 +43,20 @@ def _phase(name: str):
 
 
 def profile_steps(steps: Dict[str, Callable[..., float]], n: int, device: torch.device) -> Dict[str, dict]:
-    """Profile ``n`` steps of each arm (called as ``step(phase)``, one warm-up step first).
+    """Profile ``n`` steps of each arm (called as ``step(phase)``), after one plain step counted for its FLOPs and one
+    warm-up step.
 
     Returns, for each arm: ``phases_ms`` (milliseconds per step in each phase, CPU time of its ``record_function``
-    range; on CUDA, kernels run asynchronously and land where the CPU waits), ``step_ms`` (their sum) and
-    ``top_ops_ms`` (the operators of largest self CPU time per step).
+    range; on CUDA, kernels run asynchronously and land where the CPU waits), ``step_ms`` (their sum),
+    ``top_ops_ms`` (the operators of largest self CPU time per step) and ``gflop`` (forward and backward of one step
+    as torch's FLOP counter counts them: matrix products, convolutions and attention; the optimiser is not counted).
     """
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out: Dict[str, dict] = {}
     for name, step in steps.items():
+        counter = FlopCounterMode(display=False)
+        with counter:  # the step itself: its phased form runs the text encoder's backward once per loss
+            step()
         step(_phase)
         with profile(activities=activities) as prof:
             for _ in range(n):
@@ -63,5 +69,6 @@ def profile_steps(steps: Dict[str, Callable[..., float]], n: int, device: torch.
         ops = sorted((e for e in events if not e.key.startswith("phase/")), key=lambda e: e.self_cpu_time_total,
                      reverse=True)[:TOP_OPS]
         out[name] = {"phases_ms": phases, "step_ms": sum(phases.values()),
-                     "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 / n for e in ops}}
+                     "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 / n for e in ops},
+                     "gflop": counter.get_total_flops() / 1e9}
     return out

@@ -156,6 +156,7 @@ def test_train_reference_is_the_plain_diffusers_step_on_the_same_batch(tmp_path)
     assert set(profile["equal_work"]["phases_ms"]) == {"text_encoder", "generation_forward", "discrimination_forward",
                                                        "generation_backward", "discrimination_backward", "optimizer"}
     # the discrimination pass runs the encoder half and the mid block, never the decoder
+    assert profile["equal_work"]["gflop"] > profile["reference"]["gflop"] > 0
     assert result["discrimination_pass_ran"] == ["time_proj", "time_embedding", "conv_in", "down_blocks.0",
                                                  "down_blocks.1", "mid_block"]
 
