@@ -208,6 +208,18 @@ def test_finished_runs_are_reused_and_a_failure_does_not_stop_the_others(tmp_pat
     assert any("failed" in line for line in lines)
 
 
+def test_a_prior_run_is_trained_but_not_evaluated(tmp_path):
+    arm = Arm("prior", ("method=prior",))
+    settings = CompareSettings(arms=[arm], train_command=FAIL, seeds=[0], overrides=["train.max_steps=4"])
+    folder = lib.run_dir(settings, tmp_path, arm, 0)
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "prior_index.json").write_text("{}")
+    (folder / "train_summary.json").write_text(json.dumps({"global_step": 4, "ms_per_step": 3.0}))
+    (folder / "run.json").write_text(json.dumps(lib._identity(settings, arm, 0, folder)))
+    (run,) = lib.run_all(settings, tmp_path, log=lambda line: None)
+    assert run["status"] == "ok" and run["metrics"] == {} and run["cost"]["ms_per_step"] == 3.0 and not run["trained"]
+
+
 def test_run_folder_of_other_settings_is_refused(tmp_path):
     arm = Arm("a", ("method=diffdis",))
     settings = CompareSettings(arms=[arm], train_command=FAIL, seeds=[0], overrides=["train.max_steps=4"])
@@ -262,3 +274,22 @@ def test_two_arms_two_seeds_end_to_end(tmp_path, tiny_overrides):
     again = json.loads((out / "compare.json").read_text())
     assert not any(r["trained"] or r["evaluated"] for r in again["runs"])
     assert again["aggregate"] == result["aggregate"]
+
+
+@pytest.mark.slow
+def test_a_chain_of_arms_clip_prior_rleg(tmp_path, tiny_overrides):
+    """rleg with a diffusion prior trained on the clip arm's model, in one comparison: each arm reads the run of the
+    same seed of an earlier one; the prior's row has costs and no metric."""
+    out = tmp_path / "chain"
+    overrides = [o for o in tiny_overrides if not o.startswith("train.report_to")] + ["train.max_steps=2", "train.report_to=none"]
+    argv = ["--out", str(out), "--arm", "clip", "--arm", "prior:method=prior,model.prior.clip={run:clip}",
+            "--arm", "rleg:method=rleg,model.rleg.prior={run:prior}", "--seeds", "0",
+            "--eval-args", SMALL_EVAL + " --skip fid adherence", *overrides]
+    assert cli.main(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["failed"] == 0 and result["aggregate"]["rleg"]["shape/acc1"]["n"] == 1
+    assert "shape/acc1" not in result["aggregate"]["prior"] and result["aggregate"]["prior"]["ms_per_step"]["n"] == 1
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(out / "rleg" / "seed0" / "config.yaml")
+    assert cfg.model.rleg.prior == str(out / "prior" / "seed0" / "model")

@@ -15,9 +15,13 @@ Arms. ``--arm NAME`` is the method NAME (``method=NAME``); ``--arm NAME:key=valu
       gen_only: [method=gen_only]
       lam0.1: {method: diffdis, loss.lambda_ita: 0.1}
 
-Without --arm or --arms-file: one arm per registered method (method=rleg also needs model.rleg.generator=DIR or
-model.rleg.prior=DIR), except method=prior, which needs model.prior.clip=DIR and, generating embeddings only, has
-nothing to evaluate.
+An override may read the model of an earlier arm for the same seed: ``{run:ARM}``. Without --arm or --arms-file:
+one arm per registered method, rleg reading the diffdis arm's model (model.rleg.generator={run:diffdis}); method=prior
+is left out (it needs a CLIP model folder and has nothing to evaluate). RLEG with both generated embeddings:
+
+    python tools/compare.py --arm clip --arm diffdis --arm prior:method=prior,model.prior.clip={run:clip} \
+        --arm rleg:method=rleg,model.rleg.generator={run:diffdis},model.rleg.prior={run:prior}
+
 The key=value overrides after the options apply to every arm, before the arm's own (the arm wins). Every arm's
 config is loaded before anything trains: an unknown method or key is one `error:` line and exit status 2.
 

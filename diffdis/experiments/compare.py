@@ -88,7 +88,18 @@ def check_reusable(settings: CompareSettings, out: Path) -> None:
 
 def is_trained(folder: Path) -> bool:
     """Whether a run folder holds a finished training (its model folder and summary)."""
-    return (folder / "model" / "zeroshot_index.json").is_file() and (folder / "train_summary.json").is_file()
+    from ..pipelines.prior_pipeline import is_prior_folder
+
+    model = folder / "model"
+    return ((model / "zeroshot_index.json").is_file() or is_prior_folder(model)) and (folder / "train_summary.json").is_file()
+
+
+def scored(folder: Path) -> bool:
+    """Whether a run's model is evaluated: every model but a diffusion prior (``method=prior``), which neither
+    classifies nor generates; its arm exists to be read by a later one (``model.rleg.prior={run:ARM}``)."""
+    from ..pipelines.prior_pipeline import is_prior_folder
+
+    return not is_prior_folder(folder / "model")
 
 
 def train_run(settings: CompareSettings, arm: Arm, seed: int, folder: Path, out: Path) -> None:
@@ -141,7 +152,10 @@ def run_one(settings: CompareSettings, out: Path, arm: Arm, seed: int) -> Dict[s
             record["trained"] = True
         previous = json.loads(saved.read_text()) if saved.is_file() else {}
         metrics = folder / "eval" / "metrics.json"
-        if not metrics.is_file() or previous.get("evaluation", identity["evaluation"]) != identity["evaluation"]:
+        if not scored(folder):  # nothing to evaluate: its row shows its cost only
+            metrics.parent.mkdir(parents=True, exist_ok=True)
+            metrics.write_text(json.dumps({"metrics": {}, "note": "a diffusion prior: nothing to evaluate"}) + "\n")
+        elif not metrics.is_file() or previous.get("evaluation", identity["evaluation"]) != identity["evaluation"]:
             try:
                 evaluate_run(folder, settings.evaluation)
             except Exception as err:  # noqa: BLE001  (one run's failure must not stop the others)
