@@ -88,22 +88,16 @@ def evaluation_plan(cfg, first_captions=None) -> EvaluationPlan:
                           t.eval_retrieval_samples if discriminates else 0)
 
 
-def evaluation_sizes(cfg) -> Tuple[int, int]:
-    """``(adherence images per shape x colour prompt, zero-shot images)`` of a run's evaluation during training."""
-    plan = evaluation_plan(cfg, first_captions=lambda n: [])
-    return plan.adherence_per_combo, plan.zeroshot_samples
-
-
-def _validation_rows(cfg, n: int) -> List[dict]:
-    """The first ``n`` usable rows (decodable image, non-empty caption) of the validation split (the train split
-    when there is none), each ``{"image", "caption"}``."""
+def _validation_rows(cfg, n: int, check_images: bool = True) -> List[dict]:
+    """The first ``n`` usable rows (non-empty caption; with ``check_images``, a decodable image) of the validation
+    split (the train split when there is none), each ``{"image", "caption", "captions"}``."""
     from .build import load_split
 
     split = cfg.data.validation_split or "train"
     rows = []
     for row in itertools.islice(iter(load_split(cfg.data, split, num_samples=None if cfg.data.streaming else 4 * n)), 4 * n):
         caption = row["caption"] if isinstance(row["caption"], str) else next(iter(row["caption"] or []), "")
-        if caption.strip() and decode_image(row["image"]) is not None:
+        if caption.strip() and (not check_images or decode_image(row["image"]) is not None):
             rows.append({"image": row["image"], "caption": caption.strip(), "captions": row["caption"]})
         if len(rows) == n:
             break
@@ -113,7 +107,7 @@ def _validation_rows(cfg, n: int) -> List[dict]:
 def validation_captions(cfg, n: int) -> List[str]:
     """The first ``n`` distinct captions of the run's validation split (train split without one)."""
     seen: List[str] = []
-    for row in _validation_rows(cfg, 4 * n):
+    for row in _validation_rows(cfg, 4 * n, check_images=False):  # captions only: no image is decoded
         if row["caption"] not in seen:
             seen.append(row["caption"])
         if len(seen) == n:
