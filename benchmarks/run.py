@@ -7,12 +7,15 @@
     python benchmarks/run.py zeroshot --model outputs/tiny/model --classes 10 1000
     python benchmarks/run.py train                        # tiny default: DiffDis step vs diffusers' step
     python benchmarks/run.py train model.patch_size=1 ... # any training-config override
+    python benchmarks/run.py quality --eval-every 200    # time to the demo's targets: joint vs gen_only + clip
 
 ``sample`` (benchmarks/sample.py) times DiffDisPipeline against a vanilla diffusers ``StableDiffusionPipeline``
 holding the same weights. ``zeroshot`` (benchmarks/zeroshot.py) gives images/s of DiffDis zero-shot classification
 at each class count, joint vs one_way fusion with the image-feature cache, and the diffusion-classifier baseline on
 the same model and images. ``train`` (benchmarks/train.py) times one DiffDis training step against the
 generation-only step of diffusers' ``train_text_to_image.py``; the ratio is what the second task costs per step.
+``quality`` (benchmarks/quality.py) trains the joint model, and gen_only and clip separately, each until its targets
+(prompt adherence, zero-shot accuracy) are met; the ratio is the joint model's training time over the two others'.
 
 Without ``--model`` the components are built from the preset with random weights: speed does not depend on the
 weights. Timings are medians of ``--repeats`` rounds after a warm-up. The JSON also records what each arm ran
@@ -39,10 +42,10 @@ if __package__ in (None, ""):  # run as a script: import the benchmarks as a pac
 
 import torch  # noqa: E402
 
-from benchmarks import sample, train, zeroshot  # noqa: E402
+from benchmarks import quality, sample, train, zeroshot  # noqa: E402
 from benchmarks.common import DTYPES, CliError, pick_device  # noqa: E402
 
-BENCHMARKS = {"sample": sample, "zeroshot": zeroshot, "train": train}
+BENCHMARKS = {"sample": sample, "zeroshot": zeroshot, "train": train, "quality": quality}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +68,8 @@ def git_commit() -> Optional[str]:
 
 
 def _check(args) -> None:
+    if args.command == "quality":  # its own options, checked by quality.run
+        return
     steps = args.steps_per_round if args.command == "train" else args.steps
     if (args.batch_size is not None and args.batch_size < 1) or args.repeats < 1 or steps < 1:
         raise CliError("--batch-size, --repeats and --steps (--steps-per-round) must be at least 1")
@@ -89,7 +94,8 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     result.update(
-        benchmark=args.command, model=getattr(args, "model", None) or f"{args.preset} preset, random weights",
+        benchmark=args.command, model=getattr(args, "model", None) or (f"{args.preset} preset, random weights" if hasattr(args, "preset")
+                                                else "configs/tiny.yaml with the overrides, trained"),
         device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         dtype=args.dtype, torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
@@ -101,7 +107,7 @@ def main(argv: Optional[list] = None) -> int:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
     for k in module.summary_keys(args):
-        print(f"{k:>32}: {result[k]:.4g}")
+        print(f"{k:>32}: " + (f"{result[k]:.4g}" if result[k] is not None else "-"))
     print(f"wrote {out}")
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -278,6 +278,7 @@ class TrainConfig:
     eval_steps: int = 20  # DDIM sampling steps of the evaluation images
     eval_guidance: float = 3.0  # classifier-free guidance scale of the evaluation images (diffusers' g; <= 1 is unguided)
     eval_batch_size: int = 64  # images per batch and process during evaluation
+    stop_at: Optional[Dict[str, float]] = None  # stop at the first evaluation where every named figure reaches its value, e.g. {adherence_shape: 1.0, zeroshot_shape: 1.0} (names as logged, without eval/)
     report_to: str = "tensorboard"  # "tensorboard", "wandb", "all" or "none"
 
 
@@ -411,8 +412,12 @@ def check_evaluation_data(cfg) -> None:
     colours); on other data it is left out and the sample grid uses the prompts or the validation captions."""
     t = cfg.train
     if t.eval_every <= 0:
+        if t.stop_at:
+            raise ConfigError("train.stop_at needs train.eval_every > 0: the targets are checked at each evaluation")
         return
     validation_prompts(cfg)
+    if t.stop_at is not None and not t.stop_at:
+        raise ConfigError("train.stop_at is empty: name at least one evaluation figure and its target, e.g. {zeroshot_shape: 0.9}")
     if t.eval_retrieval_samples > 0 and cfg.data.name not in PROCEDURAL_DATA and not cfg.data.validation_split:
         raise ConfigError("train.eval_retrieval_samples needs data.validation_split (retrieval reads the validation captions)")
     z = t.eval_zeroshot

@@ -51,6 +51,7 @@ def test_evaluator_keys_ranges_and_grid(tiny_run):
     rng = torch.get_rng_state()
     metrics, grid = _evaluate(evaluator, c)
     assert set(metrics) == set(ADHERENCE + ZEROSHOT + ["eval/seconds"])
+    assert sorted(f"eval/{k}" for k in evaluator.metric_names()) == sorted(ADHERENCE + ZEROSHOT)
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for k, v in metrics.items() if k != "eval/seconds")
     # one captioned tile per shape x colour: rows are shapes, columns colours
     r = cfg.data.resolution
@@ -159,13 +160,37 @@ def _eval_steps(rows, keys):
     return sorted(r["step"] for r in rows if all(k in r for k in keys))
 
 
+def test_stop_at_targets_are_checked(tiny_run):
+    cfg, _ = tiny_run
+    evaluator = TrainingEvaluator.from_config(load_config(None, TINY_TRAIN_OVERRIDES + EVAL_OVERRIDES + [
+        "train.eval_every=2", "train.stop_at={zeroshot_shape: 0.9, adherence_colour: 1.0}"]), classifier=AttributeClassifier(resolution=16))
+    assert evaluator.reached({"eval/zeroshot_shape": 0.95, "eval/adherence_colour": 1.0, "eval/seconds": 3.0})
+    assert not evaluator.reached({"eval/zeroshot_shape": 0.85, "eval/adherence_colour": 1.0})
+    assert not evaluator.reached({"eval/zeroshot_shape": 0.95})  # a figure not given is not reached
+    plain = TrainingEvaluator.from_config(cfg, classifier=AttributeClassifier(resolution=16))
+    assert not plain.reached({"eval/zeroshot_shape": 1.0}), "no targets: never stops early"
+    with pytest.raises(ConfigError, match="zeroshot_cifar10.*it gives: adherence_shape"):
+        TrainingEvaluator.from_config(load_config(None, TINY_TRAIN_OVERRIDES + EVAL_OVERRIDES + [
+            "train.eval_every=2", "train.stop_at={zeroshot_cifar10: 0.5}"]), classifier=AttributeClassifier(resolution=16))
+    with pytest.raises(ConfigError, match="train.stop_at needs train.eval_every"):
+        load_config(None, ["train.stop_at={zeroshot_shape: 0.9}"])
+    with pytest.raises(ConfigError, match="train.stop_at is empty"):
+        load_config(None, ["train.eval_every=10", "train.stop_at={}"])
+
+
 @pytest.mark.slow
 def test_trainer_logs_evaluation(tmp_path, tiny_overrides, one_thread_runs):
     out = tmp_path / "run"
     accelerate(tiny_overrides + EVAL_OVERRIDES + [f"train.output_dir={out}", "train.max_steps=4", "train.eval_every=2",
-                                                  "train.validation_every=0", "train.checkpointing_steps=0"])
+                                                  "train.validation_every=0", "train.checkpointing_steps=0",
+                                                  "train.stop_at={adherence_shape: 1.01}"])  # never met: all 4 steps
     rows = _history(out)
     assert _eval_steps(rows, ADHERENCE + ZEROSHOT) == [2, 4]
+    seconds = [r["eval/train_seconds"] for r in rows if "eval/train_seconds" in r]
+    assert len(seconds) == 2 and 0 < seconds[0] < seconds[1]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["stopped_at_target_step"] is None
+    assert 0 < summary["train_seconds"] < summary["train_loop_seconds"], "evaluation time is not training time"
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ADHERENCE + ZEROSHOT if k in r)
     assert (out / "eval_samples" / "step-2.png").is_file() and (out / "eval_samples" / "step-4.png").is_file()
     events = list((out / "logs").rglob("events.out.tfevents.*"))
@@ -176,10 +201,14 @@ def test_trainer_logs_evaluation(tmp_path, tiny_overrides, one_thread_runs):
 @pytest.mark.slow
 def test_trainer_evaluation_sharded_over_two_processes(tmp_path, tiny_overrides, one_thread_runs):
     out = tmp_path / "ddp"
-    accelerate(tiny_overrides + EVAL_OVERRIDES + [f"train.output_dir={out}", "train.max_steps=2", "train.eval_every=2",
-                                                  "train.validation_every=0", "train.checkpointing_steps=0"], num_processes=2)
+    accelerate(tiny_overrides + EVAL_OVERRIDES + [f"train.output_dir={out}", "train.max_steps=6", "train.eval_every=2",
+                                                  "train.validation_every=0", "train.checkpointing_steps=0",
+                                                  "train.stop_at={zeroshot_colour: 0.0}"], num_processes=2)  # met at once
     assert _eval_steps(_history(out), ADHERENCE + ZEROSHOT) == [2]
     assert (out / "eval_samples" / "step-2.png").is_file()
+    summary = json.loads((out / "train_summary.json").read_text())  # both processes stopped at the first evaluation
+    assert summary["global_step"] == 2 and summary["stopped_at_target_step"] == 2
+    assert (out / "model").is_dir()
 
 
 @pytest.mark.slow

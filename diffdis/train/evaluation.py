@@ -221,7 +221,25 @@ class TrainingEvaluator:
         parts += [f"zero-shot on {', '.join(zero_shot_data[1])}"] if zero_shot_data else []
         parts += [f"retrieval on {len(retrieval_data[1])} images"] if retrieval_data else []
         logger.info("evaluation every %d steps: %s", cfg.train.eval_every, "; ".join(parts) or "nothing applies to this run")
-        return cls(cfg, plan, classifier, zero_shot_data, retrieval_data)
+        evaluator = cls(cfg, plan, classifier, zero_shot_data, retrieval_data)
+        unknown = sorted(set(cfg.train.stop_at or {}) - set(evaluator.metric_names()))
+        if unknown:
+            raise ConfigError(f"train.stop_at names {', '.join(unknown)}, which this run's evaluation does not give; it gives: "
+                              f"{', '.join(evaluator.metric_names()) or 'nothing'}")
+        return evaluator
+
+    def metric_names(self) -> List[str]:
+        """The names (without ``eval/``) of the figures each evaluation gives, as ``train.stop_at`` takes them."""
+        names = [f"adherence_{k}" for k in ADHERENCE_KEYS] if self.plan.adherence_per_combo > 0 else []
+        names += [f"zeroshot_{task}" for task in self.zero_shot_data[1]] if self.zero_shot_data is not None else []
+        if self.retrieval_data is not None:
+            names += [f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in (1, 5, 10)]
+        return names
+
+    def reached(self, metrics: Dict[str, float]) -> bool:
+        """True when ``metrics`` (one evaluation's) meet every target of ``train.stop_at`` (False without targets)."""
+        targets = self.cfg.train.stop_at or {}
+        return bool(targets) and all(metrics.get(f"eval/{k}", float("-inf")) >= v for k, v in targets.items())
 
     @torch.no_grad()
     def __call__(self, accelerator, method: methods.Method, components, step: Optional[int] = None

@@ -58,7 +58,7 @@ class History:
         panels = [(k, title) for k, title in panels if self.series(f"train/{k}") or self.series(f"val/{k}")]
         if not any(k.startswith("loss") for k, _ in panels):  # none of the named loss terms (method=prior): the total
             panels.insert(0, ("loss", "training loss"))
-        evals = [k for k in self.keys() if k.startswith("eval/") and k != "eval/seconds"]
+        evals = [k for k in self.keys() if k.startswith("eval/") and not k.endswith("seconds")]  # figures in [0, 1]
         fig, axes = plt.subplots(1, len(panels) + bool(evals), figsize=(5 * (len(panels) + bool(evals)), 3.6), squeeze=False)
         if evals:  # evaluation during training (train.eval_every): adherence and zero-shot accuracy
             ax = axes[0][-1]

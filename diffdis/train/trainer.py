@@ -130,8 +130,10 @@ def validation_losses(accelerator, module, vae, batches, empty_ids, seed: int) -
     return {f"val/{k}": sums[i].item() / n for i, k in enumerate(keys)}
 
 
-def run_evaluation(accelerator, evaluator: TrainingEvaluator, module, components, ema, history: History, out: Path, step: int) -> Dict[str, float]:
-    """Evaluate with the EMA weights on every process (the evaluator shards its work); log on the main process.
+def run_evaluation(accelerator, evaluator: TrainingEvaluator, module, components, ema, history: History, out: Path, step: int,
+                   extra: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """Evaluate with the EMA weights on every process (the evaluator shards its work); log on the main process,
+    with ``extra`` (e.g. the training seconds so far) beside the metrics.
 
     Scalars go to the trackers and the history, the sample grid to ``<out>/eval_samples/step-<N>.png``
     and, when tensorboard is on, to its ``eval/samples`` image.
@@ -139,6 +141,7 @@ def run_evaluation(accelerator, evaluator: TrainingEvaluator, module, components
     model = accelerator.unwrap_model(module)
     with ema_weights(ema, module.parameters()):
         metrics, grid = evaluator(accelerator, model, components, step)
+    metrics.update(extra or {})
     if accelerator.is_main_process:
         accelerator.log(metrics, step=step)
         history.add(step, metrics)
@@ -225,6 +228,8 @@ class Run:
     global_step: int = 0
     loop_seconds: float = 0.0  # wall-clock of this process's training loop (this run only: not before a resume)
     loop_steps: int = 0  # optimiser steps that loop ran
+    pause_seconds: float = 0.0  # of loop_seconds, the time spent in validation, evaluation and checkpoints
+    reached_step: Optional[int] = None  # the step whose evaluation met every target of train.stop_at
 
 
 def train(cfg) -> Path:
@@ -385,6 +390,11 @@ def loop(run: Run) -> None:
     run.loop_seconds, run.loop_steps = time.perf_counter() - clock["start"], clock["steps_run"]
 
 
+def training_seconds(run: Run, clock: dict) -> float:
+    """Seconds of this run's loop so far spent training: its wall-clock less validation, evaluation and checkpoints."""
+    return time.perf_counter() - clock["start"] - run.pause_seconds
+
+
 def train_step(run: Run, batch: dict) -> Dict[str, torch.Tensor]:
     """Forward, backward and optimiser step (under gradient accumulation) on one batch; returns its losses."""
     accelerator, t = run.accelerator, run.cfg.train
@@ -429,16 +439,28 @@ def _after_step(run: Run, latest: Dict[str, torch.Tensor], clock: dict, progress
     t, accelerator, step, last = run.cfg.train, run.accelerator, run.global_step, run.plan.total
     if step % t.log_every == 0 or step == last:
         _log_training(run, latest, clock, progress)
+    paused = time.perf_counter()
     if run.val_batches and (step % t.validation_every == 0 or step == last):
         with ema_weights(run.ema, run.module.parameters()):
             val = validation_losses(accelerator, run.module, run.components.vae, run.val_batches, run.empty_ids, seed=t.seed + 12345)
         accelerator.log(val, step=step)
         run.history.add(step, val)
         logger.info(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()), main_process_only=True)
+    reached = False
     if run.evaluator is not None and (step % t.eval_every == 0 or step == last):
-        run_evaluation(accelerator, run.evaluator, run.module, run.components, run.ema, run.history, run.out, step)
-    if t.checkpointing_steps and step % t.checkpointing_steps == 0 and step < last:
+        seconds = training_seconds(run, clock) - (time.perf_counter() - paused)
+        metrics = run_evaluation(accelerator, run.evaluator, run.module, run.components, run.ema, run.history, run.out,
+                                 step, {"eval/train_seconds": seconds})
+        reached = run.evaluator.reached(metrics)  # every process has the same metrics: they all stop together
+        if reached:
+            run.reached_step = step
+            logger.info(f"step {step}: every target of train.stop_at reached after {seconds:.0f} s of training; stopping",
+                        main_process_only=True)
+    if t.checkpointing_steps and step % t.checkpointing_steps == 0 and step < last and not reached:
         save_checkpoint(accelerator, run.out, step, t.checkpoints_total_limit)
+    run.pause_seconds += time.perf_counter() - paused
+    if reached:
+        return True
     out_of_time = False
     if t.max_minutes and step % t.log_every == 0:  # all processes agree on when to stop
         late = torch.tensor(float(time.perf_counter() - clock["start"] > 60 * t.max_minutes), device=accelerator.device)
@@ -455,6 +477,7 @@ def _log_training(run: Run, latest: Dict[str, torch.Tensor], clock: dict, progre
     logs["train/replaced_examples"] = accelerator.reduce(replaced, reduction="sum").item()
     logs["train/steps_per_s"] = (step - clock["tic_step"]) / max(elapsed, 1e-9)
     logs["train/images_per_s"] = logs["train/steps_per_s"] * t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    logs["train/seconds"] = training_seconds(run, clock)
     clock["tic"], clock["tic_step"] = time.perf_counter(), step
     accelerator.log(logs, step=step)
     run.history.add(step, logs)
@@ -510,6 +533,8 @@ def resource_summary(run: Run, final: torch.nn.Module) -> Dict[str, Any]:
         "total_parameters": sum(p.numel() for p in final.parameters()),
         "train_loop_seconds": run.loop_seconds,
         "train_loop_steps": run.loop_steps,
+        "train_seconds": run.loop_seconds - run.pause_seconds,  # the loop less validation, evaluation and checkpoints
+        "stopped_at_target_step": run.reached_step,  # train.stop_at: the step whose evaluation met every target
         "ms_per_step": 1000 * run.loop_seconds / run.loop_steps if run.loop_steps else None,
         "peak_rss_mb": peaks[0],
         "peak_cuda_memory_mb": peaks[1] if cuda else None,
