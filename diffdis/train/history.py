@@ -67,6 +67,14 @@ class History:
             ax.set_title("evaluation during training")
             ax.set_xlabel("step")
             ax.set_ylim(0, 1.02)
+            clock = self.series("eval/train_seconds")
+            if len(clock) >= 2:  # the same points against training wall-clock (evaluations excluded), on top
+                import numpy as np
+
+                steps, minutes = np.array([0] + [s for s, _ in clock], float), np.array([0] + [v / 60 for _, v in clock])
+                top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, steps, minutes),
+                                                           lambda m: np.interp(m, minutes, steps)))
+                top.set_xlabel("training minutes (evaluations excluded)", fontsize=8)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         for ax, (key, title) in zip(axes[0], panels):
