@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,6 +99,7 @@ def test_run_references_resolve_to_the_earlier_arms_model_of_the_same_seed(tmp_p
     (["--arm", "diffdis", "--seeds", "0", "x"], "--seeds takes integers"),
     (["--arm", "diffdis", "--eval-args=--bogus"], "unrecognized arguments: --bogus"),
     (["--arm", "diffdis", "--num-processes", "0"], "--num-processes"),
+    (["--arm", "diffdis", "--jobs", "0"], "--jobs must be at least 1"),
     (["--arm", "diffdis", "train.max_steps=0"], "max_steps"),
 ])
 def test_bad_input_is_one_line_and_trains_nothing(tmp_path, capsys, argv, message):
@@ -206,6 +208,19 @@ def test_finished_runs_are_reused_and_a_failure_does_not_stop_the_others(tmp_pat
     assert broken["status"] == "failed" and "exit 3" in broken["error"] and "error: ValueError: boom" in broken["error"]
     assert (tmp_path / "broken" / "seed0" / "train.log").read_text().startswith("error: ValueError: boom")
     assert any("failed" in line for line in lines)
+
+
+def test_jobs_run_seeds_in_worker_processes_with_a_share_of_the_cores(tmp_path):
+    threads = [sys.executable, "-c", "import os, sys; print('error: threads', os.environ['OMP_NUM_THREADS']); sys.exit(3)"]
+    arms = [Arm("done"), Arm("broken")]
+    settings = CompareSettings(arms=arms, train_command=threads, seeds=[0, 1, 2], overrides=["train.max_steps=4"], jobs=2)
+    for seed in (0, 1, 2):
+        finished_run(settings, tmp_path, arms[0], seed, 0.5 + seed / 10)
+    runs = lib.run_all(settings, tmp_path, log=lambda line: None)
+    assert [(r["arm"], r["seed"]) for r in runs] == [(a.name, s) for s in (0, 1, 2) for a in arms]  # seed, then arm order
+    assert [r["metrics"]["shape/acc1"] for r in runs if r["arm"] == "done"] == [0.5, 0.6, 0.7]
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert all(r["status"] == "failed" and f"error: threads {share}" in r["error"] for r in runs if r["arm"] == "broken")
 
 
 def test_a_prior_run_is_trained_but_not_evaluated(tmp_path):

@@ -4,6 +4,7 @@
     python tools/compare.py --arm diffdis --arm gen_only --arm lam0.1:method=diffdis,loss.lambda_ita=0.1 \\
         --seeds 0 1 train.max_minutes=10                                              # same wall-clock budget
     python tools/compare.py --arms-file arms.yaml --num-processes 2 --eval-args "--quick --skip fid"
+    python tools/compare.py --jobs 2 data.name=compositional train.max_steps=1000       # two seeds at once (2 cores)
 
 (``diffdis-compare`` or ``python -m diffdis.cli.compare`` from an installed copy.)
 
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="training config, a YAML file or shipped name (default: tiny)")
     p.add_argument("--num-processes", type=int, default=1,
                    help="processes per training run; above 1 trains under accelerate launch --multi_gpu (default: 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds trained and evaluated at once, each in its own process with an equal share of the cores"
+                   " (default: 1; on 2 cores --jobs 2 runs two single-thread seeds side by side)")
     p.add_argument("--eval-args", default="--quick",
                    help="evaluation options, those of diffdis-evaluate (default: '--quick')")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every arm (e.g. train.max_steps=600)")
@@ -93,12 +97,14 @@ def settings_from_args(args: argparse.Namespace):
         raise CompareError("--seeds needs one or more distinct integers")
     if args.num_processes < 1:
         raise CompareError("--num-processes must be at least 1")
+    if args.jobs < 1:
+        raise CompareError("--jobs must be at least 1")
     arms = (arms_from_file(args.arms_file) if args.arms_file else []) + [parse_arm(a) for a in args.arm]
     arms = arms or default_arms()
     validate_arms(arms, args.config, [*BASE_OVERRIDES, *args.overrides])
     return CompareSettings(arms=arms, train_command=train_command(args.num_processes), seeds=seeds, config=args.config,
                            overrides=list(args.overrides), base_overrides=BASE_OVERRIDES,
-                           evaluation=parse_evaluation_args(args.eval_args), env=child_env())
+                           evaluation=parse_evaluation_args(args.eval_args), env=child_env(), jobs=args.jobs)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -14,6 +14,7 @@ reused when the comparison is repeated, and its evaluation is redone when the ev
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -42,6 +43,7 @@ class CompareSettings:
     evaluation: EvaluationOptions = field(default_factory=lambda: EvaluationOptions(sizes=preset_sizes("quick")))
     run_folder: str = "{arm}/seed{seed}"  # run folder under the output folder ({arm}: the arm's folder name)
     env: Optional[Mapping[str, str]] = None  # the child's environment (None: this process's)
+    jobs: int = 1  # seeds run at once, each in its own worker process with cpu_count // jobs threads
 
 
 def run_dir(settings: CompareSettings, out: Path, arm: Arm, seed: int) -> Path:
@@ -170,18 +172,49 @@ def run_one(settings: CompareSettings, out: Path, arm: Arm, seed: int) -> Dict[s
     return record
 
 
-def run_all(settings: CompareSettings, out: Path, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
-    """Every arm for every seed (seed by seed, so a partial comparison covers every arm); one record per run."""
-    check_reusable(settings, out)
-    start, runs = time.perf_counter(), []
-    for seed in settings.seeds:
-        for arm in settings.arms:
-            log(f"[{(time.perf_counter() - start) / 60:5.1f} min] {arm.name}, seed {seed} -> {run_dir(settings, out, arm, seed)}")
-            record = run_one(settings, out, arm, seed)
-            if record["status"] != "ok":
-                log(f"  failed: {record['error']}")
-            runs.append(record)
+def seed_runs(settings: CompareSettings, out: Path, seed: int, log: Callable[[str], None] = print,
+              start: Optional[float] = None) -> List[Dict[str, Any]]:
+    """Every arm of one seed, in order (an arm may read an earlier arm's model); one record per run."""
+    start = time.perf_counter() if start is None else start
+    runs = []
+    for arm in settings.arms:
+        log(f"[{(time.perf_counter() - start) / 60:5.1f} min] {arm.name}, seed {seed} -> {run_dir(settings, out, arm, seed)}")
+        record = run_one(settings, out, arm, seed)
+        if record["status"] != "ok":
+            log(f"  failed ({arm.name}, seed {seed}): {record['error']}")
+        runs.append(record)
     return runs
+
+
+def _seed_worker(settings: CompareSettings, out: Path, seed: int, threads: int) -> List[Dict[str, Any]]:
+    """One seed's runs in a worker process: ``threads`` for its evaluations and its training children."""
+    import torch
+
+    torch.set_num_threads(threads)
+    env = dict(settings.env if settings.env is not None else os.environ, OMP_NUM_THREADS=str(threads))
+    settings = CompareSettings(**{**settings.__dict__, "env": env, "jobs": 1})
+    return seed_runs(settings, out, seed, log=lambda line: print(line, flush=True))
+
+
+def run_all(settings: CompareSettings, out: Path, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Every arm for every seed; one record per run, in seed then arm order.
+
+    One seed at a time (so a partial comparison covers every arm), or, with ``settings.jobs`` above 1, that many
+    seeds at once, each in a worker process whose evaluations and training children get an equal share of the cores
+    (``cpu_count // jobs`` threads): on a 2-core machine ``jobs=2`` runs two single-thread seeds side by side.
+    """
+    check_reusable(settings, out)
+    if settings.jobs <= 1 or len(settings.seeds) == 1:
+        start = time.perf_counter()
+        return [record for seed in settings.seeds for record in seed_runs(settings, out, seed, log, start)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // settings.jobs)
+    log(f"{len(settings.seeds)} seeds, {settings.jobs} at a time, {threads} thread(s) each")
+    with ProcessPoolExecutor(settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_seed_worker, settings, Path(out), seed, threads) for seed in settings.seeds]
+        return [record for future in futures for record in future.result()]
 
 
 def run_values(record: Mapping[str, Any]) -> Dict[str, float]:
@@ -227,7 +260,7 @@ def settings_record(settings: CompareSettings) -> Dict[str, Any]:
     return {"arms": [{"name": a.name, "overrides": list(a.overrides), "folder": a.dirname} for a in settings.arms],
             "seeds": list(settings.seeds), "config": settings.config, "overrides": list(settings.overrides),
             "base_overrides": list(settings.base_overrides), "train_command": list(settings.train_command),
-            "evaluation": _jsonable(asdict(settings.evaluation)), "run_folder": settings.run_folder}
+            "jobs": settings.jobs, "evaluation": _jsonable(asdict(settings.evaluation)), "run_folder": settings.run_folder}
 
 
 def run_comparison(settings: CompareSettings, out: Path, command: str = "", log: Callable[[str], None] = print) -> Dict[str, Any]:
