@@ -252,12 +252,14 @@ def test_resource_summary():
     module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))  # 16 + 10 parameters
     module[1].requires_grad_(False)
     accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t)
-    run = SimpleNamespace(accelerator=accelerator, loop_seconds=2.0, loop_steps=4)
+    run = SimpleNamespace(accelerator=accelerator, loop_seconds=2.0, loop_steps=4, pause_seconds=0.5, reached_step=None)
     cost = resource_summary(run, module)
+    assert cost["train_seconds"] == 1.5 and cost["stopped_at_target_step"] is None
     assert cost["trainable_parameters"] == 16 and cost["total_parameters"] == 26
     assert cost["ms_per_step"] == 500.0 and cost["train_loop_steps"] == 4
     assert cost["peak_rss_mb"] > 10 and cost["peak_cuda_memory_mb"] is None and cost["device"] == "cpu"
-    assert resource_summary(SimpleNamespace(accelerator=accelerator, loop_seconds=0.0, loop_steps=0), module)["ms_per_step"] is None
+    assert resource_summary(SimpleNamespace(accelerator=accelerator, loop_seconds=0.0, loop_steps=0, pause_seconds=0.0,
+                                            reached_step=None), module)["ms_per_step"] is None
 
 
 # ---------------------------------------------------------------------------- end to end
