@@ -16,6 +16,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .common import CliError, add_model_arguments, prompts, sd15_components, tiny_components
+from .sample_profile import profile_calls
 from .timing import qualified_name, time_interleaved
 
 HELP = "DiffDisPipeline vs StableDiffusionPipeline"
@@ -34,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="ddim", help="scheduler name (default: ddim)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--xformers", action="store_true", help="use xformers attention in both pipelines (CUDA)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timing, profile one call of each pipeline: operators' self time, syncs, casts,"
+                   " kernel launches, and the operators that take more time in ours (benchmarks/sample_profile.py)")
 
 
 class _UNetCalls:
@@ -57,11 +61,13 @@ def benchmark_sample(
     guidance_scale: float = 3.0,
     seed: int = 0,
     height: Optional[int] = None,
+    profile: bool = False,
 ) -> dict:
     """Seconds per call of both pipelines on the same prompts, steps, guidance and seeds.
 
     One warm-up call each, then ``repeats`` rounds in which the two alternate who goes first. ``height`` sets the
-    (square) image size of both; default: each pipeline's own.
+    (square) image size of both; default: each pipeline's own. ``profile``: one more call of each under
+    ``torch.profiler`` after the timing (:func:`benchmarks.sample_profile.profile_calls`), in ``result["profile"]``.
 
     Returns:
         medians ``ours_s`` and ``vanilla_s``, ``ratio = ours_s / vanilla_s`` (below 1: ours is faster), the
@@ -95,6 +101,7 @@ def benchmark_sample(
         pipe.set_progress_bar_config(disable=True)
     try:
         times = time_interleaved(calls, repeats, device)
+        profiled = profile_calls(calls, device) if profile else None
     finally:
         for counter in counters:
             counter.handle.remove()
@@ -108,6 +115,8 @@ def benchmark_sample(
         "steps": steps,
         "num_prompts": len(prompts),
     }
+    if profiled:
+        result["profile"] = profiled
     for name, pipe in arms.items():
         result[f"{name}_pipeline"] = qualified_name(pipe)
         result.update({f"{name}_{key}": value for key, value in seen[name].items()})
@@ -177,7 +186,7 @@ def run(args, device: torch.device, dtype: torch.dtype) -> dict:
         if args.xformers:
             p.enable_xformers_memory_efficient_attention()
     result = benchmark_sample(pipe, vanilla, prompts(args.batch_size), args.steps, args.repeats, args.guidance,
-                              height=resolution)
+                              height=resolution, profile=args.profile)
     params = sum(p.numel() for p in pipe.unet.unet.parameters())
     result.update(resolution=resolution, image_size=image_size, guidance=args.guidance, scheduler=type(pipe.scheduler).__name__,
                   vae=vae_note, unet_generation_params=params, xformers=args.xformers,

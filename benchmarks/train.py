@@ -28,6 +28,7 @@ from diffusers.training_utils import compute_snr
 from diffdis.methods import DiffDisMethod
 from diffdis.train.build import Components, build_optimizer
 
+from . import accel
 from .common import DTYPES, CliError, build_tiny, prompts, sd15_components
 from .timing import qualified_name, time_interleaved
 from .train_profile import modules_run, profile_steps
@@ -40,7 +41,8 @@ Step = Callable[..., float]
 def summary_keys(args) -> Tuple[str, ...]:
     """The keys printed after a run."""
     return ("ratio", "equal_work_ratio", "equal_work_ratio_same_optimizer", "ours_step_s", "equal_work_step_s",
-            "reference_step_s", "ours_img_s", "reference_img_s")
+            "reference_step_s", "ours_img_s", "reference_img_s", "reference_tflops", "equal_work_tflops",
+            "reference_mfu", "equal_work_mfu")
 
 
 def add_arguments(t: argparse.ArgumentParser) -> None:
@@ -55,6 +57,14 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--steps-per-round", type=int, default=10, help="optimiser steps in each timed round (default: 10)")
     t.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up (default: 3)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers"),
+                   help="attention kernels of every arm: PyTorch SDPA or xFormers (CUDA) (default: sdpa)")
+    t.add_argument("--channels-last", action="store_true", help="every arm's UNet and latents in channels_last format")
+    t.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile each down, mid and up block of every arm's UNet (regional compilation) with this"
+                   " backend (default backend: inductor); the warm-up round compiles")
+    t.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: from a table of GPUs for bf16/fp16; none on CPU)")
     t.add_argument("--profile-steps", type=int, default=0,
                    help="after the timing, profile this many steps of each arm with torch.profiler and write the time of"
                    " each phase (text encoder, passes forward and backward, optimiser) (default: 0, no profile)")
@@ -205,6 +215,9 @@ def benchmark_train(
     steps_per_round: int = 10,
     repeats: int = 3,
     profile: int = 0,
+    attention: str = "sdpa",
+    compile_backend: Optional[str] = None,
+    peak: Optional[float] = None,
 ) -> Dict[str, object]:
     """Seconds per training step of DiffDis (the config's recipe and equal work) and of the diffusers reference on the
     same batch, timed in the same interleaved rounds. ``components`` are trained in place by ``ours``; every other arm
@@ -214,6 +227,10 @@ def benchmark_train(
         latents: (B, C, h, w) what the UNet trains on (after any VAE). input_ids: (B, L). empty_ids: (1, L).
         steps_per_round: optimiser steps in each timed call.
         profile: steps of each arm profiled by phase after the timing (0: none).
+        attention: ``sdpa`` or ``xformers`` in every arm (:func:`benchmarks.accel.set_attention`).
+        compile_backend: with a backend, each block of every arm's generation UNet is compiled after the memory peaks
+            and FLOP counts (eager) and before the timing, whose warm-up round compiles.
+        peak: the device's peak TFLOP/s, for MFU.
 
     Returns:
         for each arm (``ours``, ``equal_work``, ``reference`` and, where ours runs a faster AdamW than the script's
@@ -222,12 +239,14 @@ def benchmark_train(
         ``{arm}_optimizer_fused``, ``{arm}_unet_input_shape``: the per-sample shape its generation UNet was called on);
         ``ratio`` (ours / reference), ``equal_work_ratio`` and ``equal_work_ratio_same_optimizer`` (median over median:
         above 1, ours is slower per step), ``ratios`` (each ratio's per-round spread, :func:`ratio_spread`); on CUDA
-        the peak memory of each arm's first step; with ``profile``, ``profile`` (:func:`profile_steps`) and
+        the peak memory of each arm's first step; each arm's counted FLOPs, achieved TFLOP/s and MFU
+        (:func:`benchmarks.accel.utilisation`); with ``profile``, ``profile`` (:func:`profile_steps`) and
         ``discrimination_pass_ran`` (the generation UNet's top-level modules the discrimination pass called).
     """
     if steps_per_round < 1:
         raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
     device = latents.device
+    accel.set_attention(components.unet, attention)  # before the copies: every arm gets it
     equal_cfg = copy.deepcopy(cfg)
     equal_cfg.loss.ig_fraction = 1.0
     steps: Dict[str, Step] = {}
@@ -245,7 +264,10 @@ def benchmark_train(
     seen: Dict[str, dict] = {name: {} for name in steps}
     hooks = [_input_shape(generation[name], seen[name]) for name in steps]
     try:
-        peak = _cuda_peaks(steps, device) if device.type == "cuda" else {}
+        memory = _cuda_peaks(steps, device) if device.type == "cuda" else {}
+        flops = {name: accel.count_flops(step, parts[name]["unet"]) for name, step in steps.items()}
+        compiled = {name: accel.compile_blocks(generation[name], compile_backend) if compile_backend else 0
+                    for name in steps}
 
         def rounds(step: Step) -> Callable[[], None]:
             def call() -> None:
@@ -275,9 +297,13 @@ def benchmark_train(
         result.update({f"{name}_{key}": qualified_name(parts[name][key]) for key in ("unet", "text_encoder", "optimizer")})
         result[f"{name}_optimizer_fused"] = bool(parts[name]["optimizer"].defaults["fused"])
         result[f"{name}_unet_input_shape"] = seen[name].get("input_shape")
-    if peak:
-        result.update({f"{name}_step_peak_gib": gib for name, gib in peak.items()})
-        result["memory_ratio"] = peak["ours"] / peak["reference"]
+    result.update(accel.utilisation(flops, {name: result[f"{name}_step_s"] for name in steps}, peak),
+                  attention=attention, compile=compile_backend, compiled_blocks=compiled)
+    result.setdefault("equal_work_tflops", result["ours_tflops"])
+    result.setdefault("equal_work_mfu", result["ours_mfu"])
+    if memory:
+        result.update({f"{name}_step_peak_gib": gib for name, gib in memory.items()})
+        result["memory_ratio"] = memory["ours"] / memory["reference"]
     if profile:
         result["profile"] = profile_steps(steps, profile, device)
         arm = "equal_work" if "equal_work" in parts else "ours"
@@ -293,7 +319,9 @@ def run(args, device: torch.device, dtype: torch.dtype) -> dict:
 
     if args.profile_steps < 0:
         raise CliError("--profile-steps must be at least 0")
-    cfg = load_config("sd15" if args.preset == "sd15" else None, args.overrides)  # a ConfigError is a ValueError
+    # the sd15 preset reads no data: its config only needs some data.name to be complete
+    preset = ["data.name=embedded"] if args.preset == "sd15" else []
+    cfg = load_config("sd15" if args.preset == "sd15" else None, [*preset, *args.overrides])  # ConfigError: ValueError
     batch = args.batch_size or cfg.train.batch_size
     if args.preset == "sd15":
         tokenizer, text_encoder, unet, vae = sd15_components(args.resolution)
@@ -308,17 +336,21 @@ def run(args, device: torch.device, dtype: torch.dtype) -> dict:
     components.unet.to(device)
     components.text_encoder.to(device)
     latents = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0)).to(device)  # (B, C, h, w)
+    if args.channels_last:
+        accel.to_channels_last(components.unet)
+        latents = latents.contiguous(memory_format=torch.channels_last)
     tok = components.tokenizer
     ids = tok(prompts(batch) + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids.to(device)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         result = benchmark_train(cfg, components, latents, ids[:-1], ids[-1:], args.steps_per_round, args.repeats,
-                                 args.profile_steps)
+                                 args.profile_steps, args.attention, args.compile,
+                                 args.peak_tflops or accel.peak_tflops(device, dtype))
     result.update(image_size=image_size, unet_generation_params=sum(p.numel() for p in components.unet.unet.parameters()),
                   preset=args.preset, overrides=list(args.overrides), lambda_ita=cfg.loss.lambda_ita,
                   ig_fraction=cfg.loss.ig_fraction, ita_fraction=cfg.loss.ita_fraction,
-                  prediction_type=cfg.noise.prediction_type, note=args.note,
+                  prediction_type=cfg.noise.prediction_type, note=args.note, channels_last=args.channels_last,
                   load_average_before=load_before, load_average_after=os.getloadavg() if load_before else None,
                   reference="the step of diffusers' train_text_to_image.py: generation only, the whole batch, same UNet,"
                   " text tower, noise scheduler and AdamW settings, torch's default AdamW as that script builds it;"

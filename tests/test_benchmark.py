@@ -221,3 +221,78 @@ def test_run_py_is_a_script(tmp_path):
     assert shlex.split(result["command"]) == ["python", "benchmarks/run.py", *argv, *SMALL_UNET]
     assert result["commit"] is None or len(result["commit"]) == 40
     assert "ratio" in proc.stdout and f"wrote {out}" in proc.stdout
+
+
+def test_train_gpu_options_apply_to_every_arm(tmp_path):
+    """channels_last, regional compilation (dynamo's eager backend here) and the FLOP count behind MFU, on the CPU."""
+    result = _run(["train", "--steps-per-round", "1", "--repeats", "1", "--batch-size", "2", "--device", "cpu",
+                   "--channels-last", "--compile", "eager", "--peak-tflops", "2.0", *SMALL_UNET], tmp_path / "t.json")
+    _check_fields(result, (*TRAIN, "attention", "compile", "channels_last", "peak_tflops"))
+    assert result["attention"] == "sdpa" and result["compile"] == "eager" and result["channels_last"]
+    # two down blocks, the mid block and two up blocks of each arm's generation UNet
+    assert result["compiled_blocks"] == {arm: 5 for arm in ("equal_work", "ours", "reference",
+                                                           "reference_same_optimizer")}
+    # the reference step counts the most FLOPs with L_IG on the whole batch; ours adds the discrimination pass
+    assert result["equal_work_tflop_per_step"] > result["reference_tflop_per_step"] > result["ours_tflop_per_step"] / 2 > 0
+    assert result["reference_tflop_per_step"] == result["reference_same_optimizer_tflop_per_step"]
+    for arm in ("ours", "equal_work", "reference"):
+        achieved = result[f"{arm}_tflop_per_step"] / result[f"{arm}_step_s"]
+        assert result[f"{arm}_tflops"] == pytest.approx(achieved)
+        assert result[f"{arm}_mfu"] == pytest.approx(achieved / 2.0)
+
+
+def test_train_mfu_needs_a_peak(tmp_path, monkeypatch, capsys):
+    """Without --peak-tflops the CPU has no peak: MFU is null, the FLOPs are still counted; xformers needs CUDA."""
+    result = _run(["train", "--steps-per-round", "1", "--repeats", "1", "--batch-size", "2", "--device", "cpu",
+                   *SMALL_UNET], tmp_path / "t.json")
+    assert result["peak_tflops"] is None and result["reference_mfu"] is None and result["reference_tflops"] > 0
+    assert result["compile"] is None and result["compiled_blocks"]["ours"] == 0 and not result["channels_last"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run.main(["train", "--attention", "xformers", "--device", "cpu", "--out", str(tmp_path / "x.json"),
+                     *SMALL_UNET]) == 2
+    assert "xformers needs CUDA" in capsys.readouterr().err
+
+
+def test_train_sd15_preset_needs_no_data(monkeypatch, tmp_path):
+    """``train --preset sd15`` as documented: the sd15 config, which requires data.name, loads without one."""
+    from benchmarks import train
+
+    def stop(resolution):
+        raise RuntimeError(f"built sd15 components at {resolution}")
+
+    monkeypatch.setattr(train, "sd15_components", stop)
+    args = run.build_parser().parse_args(["train", "--preset", "sd15", "--resolution", "256"])
+    with pytest.raises(RuntimeError, match="built sd15 components at 256"):
+        train.run(args, torch.device("cpu"), torch.float32)
+
+
+def test_sample_profile_finds_where_time_goes(model_dirs, tmp_path):
+    result = _run(["sample", "--model", str(model_dirs["pixel"]), "--steps", "2", "--repeats", "1", "--batch-size",
+                   "2", "--device", "cpu", "--profile"], tmp_path / "s.json")
+    profile = result["profile"]
+    assert profile["time"] == "cpu"
+    for arm in ("ours", "vanilla"):
+        p = profile[arm]
+        assert p["ops_called"] > 0 and p["self_ms_total"] > 0 and len(p["top_ops_ms"]) == 15
+        assert all(v >= 0 for v in p["top_ops_ms"].values())
+        assert p["casts"] >= 0 and p["syncs"] >= 0 and p["kernel_launches"] == 0  # no CUDA here
+    # the same UNet runs in both: its convolutions are among the largest in each, and the differences are ranked
+    assert any("conv" in op for op in profile["ours"]["top_ops_ms"])
+    extra = list(profile["extra_in_ours_ms"].values())
+    assert len(extra) == 15 and extra == sorted(extra, reverse=True)
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_runs_every_command(tmp_path):
+    """benchmarks/gpu.sh --smoke: the GPU measurements' commands at tiny size on the CPU, each writing its result."""
+    script = Path(run.__file__).parent / "gpu.sh"
+    proc = subprocess.run(["bash", str(script), str(tmp_path), "--smoke"], capture_output=True, text=True,
+                          timeout=900, env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("sample_sdpa", "train_sdpa", "train_channels_last", "train_compile", "train_profile"):
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert result["device"] == "cpu" and result["ratio"] > 0, name
+    assert "profile" in json.loads((tmp_path / "sample_sdpa.json").read_text())
+    assert json.loads((tmp_path / "train_compile.json").read_text())["compile"] == "eager"
+    assert json.loads((tmp_path / "tiny_trainer" / "train_summary.json").read_text())["global_step"] == 3
+    assert "(0 failed)" in proc.stdout
