@@ -72,6 +72,10 @@ class History:
                 import numpy as np
 
                 steps, minutes = np.array([0] + [s for s, _ in clock], float), np.array([0] + [v / 60 for _, v in clock])
+                # past both ends at the mean rate, so that the axis margins map one to one (a clamped end would put
+                # several minute ticks on the last step)
+                far, rate = 100 * steps[-1], minutes[-1] / steps[-1]
+                steps, minutes = np.r_[-far, steps, far], np.r_[-far * rate, minutes, minutes[-1] + (far - steps[-1]) * rate]
                 top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, steps, minutes),
                                                            lambda m: np.interp(m, minutes, steps)))
                 top.set_xlabel("training minutes (evaluations excluded)", fontsize=8)
