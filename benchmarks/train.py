@@ -246,7 +246,8 @@ def benchmark_train(
     if steps_per_round < 1:
         raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
     device = latents.device
-    accel.set_attention(components.unet, attention)  # before the copies: every arm gets it
+    # on the generation UNet, as the trainer sets it (diffdis.methods.base); before the copies: every arm gets it
+    accel.set_attention(components.unet.unet, attention)
     equal_cfg = copy.deepcopy(cfg)
     equal_cfg.loss.ig_fraction = 1.0
     steps: Dict[str, Step] = {}
