@@ -59,6 +59,16 @@ def unet_blocks(unet: nn.Module) -> Iterable[nn.Module]:
     yield from unet.up_blocks
 
 
+def check_backend(name: str) -> None:
+    """A ValueError naming ``name`` unless torch.compile knows that backend."""
+    from torch._dynamo import list_backends, lookup_backend
+
+    try:
+        lookup_backend(name)
+    except Exception as err:  # torch._dynamo.exc.InvalidBackend
+        raise ValueError(f"unknown torch.compile backend '{name}' (e.g. {', '.join(list_backends())})") from err
+
+
 def compile_blocks(unet: nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` each block of ``unet`` in place (``nn.Module.compile``); returns how many."""
     blocks = list(unet_blocks(unet))

@@ -74,10 +74,12 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
 
 
 def _input_shape(unet: torch.nn.Module, seen: dict):
-    """Keep the per-sample shape of what ``unet`` is called on in ``seen["input_shape"]``; returns the hook."""
+    """Keep the per-sample shape of what ``unet`` is called on in ``seen["input_shape"]``, and whether it was in
+    channels_last format in ``seen["channels_last"]``; returns the hook."""
     def hook(module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
         seen["input_shape"] = list(sample.shape[1:])
+        seen["channels_last"] = sample.dim() == 4 and sample.is_contiguous(memory_format=torch.channels_last)
 
     return unet.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -236,7 +238,8 @@ def benchmark_train(
         for each arm (``ours``, ``equal_work``, ``reference`` and, where ours runs a faster AdamW than the script's
         default, ``reference_same_optimizer``): the median ``{arm}_step_s``, ``{arm}_img_s``, the per-round times
         ``{arm}_runs_s`` and what it ran (``{arm}_unet``, ``{arm}_text_encoder``, ``{arm}_optimizer`` classes,
-        ``{arm}_optimizer_fused``, ``{arm}_unet_input_shape``: the per-sample shape its generation UNet was called on);
+        ``{arm}_optimizer_fused``, ``{arm}_unet_input_shape``: the per-sample shape its generation UNet was called on, and
+        ``{arm}_unet_input_channels_last``);
         ``ratio`` (ours / reference), ``equal_work_ratio`` and ``equal_work_ratio_same_optimizer`` (median over median:
         above 1, ours is slower per step), ``ratios`` (each ratio's per-round spread, :func:`ratio_spread`); on CUDA
         the peak memory of each arm's first step; each arm's counted FLOPs, achieved TFLOP/s and MFU
@@ -298,6 +301,7 @@ def benchmark_train(
         result.update({f"{name}_{key}": qualified_name(parts[name][key]) for key in ("unet", "text_encoder", "optimizer")})
         result[f"{name}_optimizer_fused"] = bool(parts[name]["optimizer"].defaults["fused"])
         result[f"{name}_unet_input_shape"] = seen[name].get("input_shape")
+        result[f"{name}_unet_input_channels_last"] = seen[name].get("channels_last")
     result.update(accel.utilisation(flops, {name: result[f"{name}_step_s"] for name in steps}, peak),
                   attention=attention, compile=compile_backend, compiled_blocks=compiled)
     result.setdefault("equal_work_tflops", result["ours_tflops"])
@@ -306,7 +310,7 @@ def benchmark_train(
         result.update({f"{name}_step_peak_gib": gib for name, gib in memory.items()})
         result["memory_ratio"] = memory["ours"] / memory["reference"]
     if profile:
-        result["profile"] = profile_steps(steps, profile, device)
+        result["profile"] = profile_steps(steps, profile, device, flops)
         arm = "equal_work" if "equal_work" in parts else "ours"
         result["discrimination_pass_ran"] = list(parts[arm]["discrimination_ran"])
     return result
@@ -320,6 +324,10 @@ def run(args, device: torch.device, dtype: torch.dtype) -> dict:
 
     if args.profile_steps < 0:
         raise CliError("--profile-steps must be at least 0")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise CliError("--peak-tflops must be above 0")
+    if args.compile:
+        accel.check_backend(args.compile)
     # the sd15 preset reads no data: its config only needs some data.name to be complete
     preset = ["data.name=embedded"] if args.preset == "sd15" else []
     cfg = load_config("sd15" if args.preset == "sd15" else None, [*preset, *args.overrides])  # ConfigError: ValueError

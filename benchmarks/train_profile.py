@@ -8,7 +8,6 @@ from typing import Callable, Dict, Iterator, List
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
-from torch.utils.flop_counter import FlopCounterMode
 
 # phases of a step, in order; an arm reports those it has (the reference has no discrimination pass, and its noise
 # and timestep draws are "data"; ours draws them inside its passes)
@@ -42,9 +41,10 @@ def _phase(name: str):
     return record_function(f"phase/{name}")
 
 
-def profile_steps(steps: Dict[str, Callable[..., float]], n: int, device: torch.device) -> Dict[str, dict]:
-    """Profile ``n`` steps of each arm (called as ``step(phase)``), after one plain step counted for its FLOPs and one
-    warm-up step.
+def profile_steps(steps: Dict[str, Callable[..., float]], n: int, device: torch.device,
+                  flops: Dict[str, int]) -> Dict[str, dict]:
+    """Profile ``n`` steps of each arm (called as ``step(phase)``) after one warm-up step; ``flops``: each arm's
+    FLOPs per step as :func:`benchmarks.accel.count_flops` counted them.
 
     Returns, for each arm: ``phases_ms`` (milliseconds per step in each phase, CPU time of its ``record_function``
     range; on CUDA, kernels run asynchronously and land where the CPU waits), ``step_ms`` (their sum),
@@ -54,9 +54,6 @@ def profile_steps(steps: Dict[str, Callable[..., float]], n: int, device: torch.
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out: Dict[str, dict] = {}
     for name, step in steps.items():
-        counter = FlopCounterMode(display=False)
-        with counter:  # the step itself: its phased form runs the text encoder's backward once per loss
-            step()
         step(_phase)
         with profile(activities=activities) as prof:
             for _ in range(n):
@@ -70,5 +67,5 @@ def profile_steps(steps: Dict[str, Callable[..., float]], n: int, device: torch.
                      reverse=True)[:TOP_OPS]
         out[name] = {"phases_ms": phases, "step_ms": sum(phases.values()),
                      "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 / n for e in ops},
-                     "gflop": counter.get_total_flops() / 1e9}
+                     "gflop": flops[name] / 1e9}
     return out

@@ -229,6 +229,8 @@ def test_train_gpu_options_apply_to_every_arm(tmp_path):
                    "--channels-last", "--compile", "eager", "--peak-tflops", "2.0", *SMALL_UNET], tmp_path / "t.json")
     _check_fields(result, (*TRAIN, "attention", "compile", "channels_last", "peak_tflops"))
     assert result["attention"] == "sdpa" and result["compile"] == "eager" and result["channels_last"]
+    arms = ("equal_work", "ours", "reference", "reference_same_optimizer")
+    assert all(result[f"{arm}_unet_input_channels_last"] for arm in arms)  # every UNet was fed channels_last
     # two down blocks, the mid block and two up blocks of each arm's generation UNet
     assert result["compiled_blocks"] == {arm: 5 for arm in ("equal_work", "ours", "reference",
                                                            "reference_same_optimizer")}
@@ -242,11 +244,19 @@ def test_train_gpu_options_apply_to_every_arm(tmp_path):
 
 
 def test_train_mfu_needs_a_peak(tmp_path, monkeypatch, capsys):
-    """Without --peak-tflops the CPU has no peak: MFU is null, the FLOPs are still counted; xformers needs CUDA."""
+    """Without --peak-tflops the CPU has no peak: MFU is null, the FLOPs are still counted; bad --compile and
+    --peak-tflops values and xformers without CUDA are one-line errors."""
     result = _run(["train", "--steps-per-round", "1", "--repeats", "1", "--batch-size", "2", "--device", "cpu",
                    *SMALL_UNET], tmp_path / "t.json")
     assert result["peak_tflops"] is None and result["reference_mfu"] is None and result["reference_tflops"] > 0
     assert result["compile"] is None and result["compiled_blocks"]["ours"] == 0 and not result["channels_last"]
+    assert result["ours_unet_input_channels_last"] is False and result["reference_unet_input_channels_last"] is False
+    out = tmp_path / "x.json"
+    assert run.main(["train", "--compile", "no_such_backend", "--device", "cpu", "--out", str(out), *SMALL_UNET]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown torch.compile backend 'no_such_backend'" in err and "\n" not in err
+    assert run.main(["train", "--peak-tflops", "0", "--device", "cpu", "--out", str(out), *SMALL_UNET]) == 2
+    assert "--peak-tflops must be above 0" in capsys.readouterr().err and not out.exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert run.main(["train", "--attention", "xformers", "--device", "cpu", "--out", str(tmp_path / "x.json"),
                      *SMALL_UNET]) == 2

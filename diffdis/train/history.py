@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+
+def steps_to_minutes(clock: List[tuple]) -> Tuple[Callable, Callable]:
+    """(step -> minutes, minutes -> step) through the points ``clock`` = [(step, seconds), ...] and (0, 0), linear
+    between them and continued at the mean rate past both ends, so that an axis's margins map one to one (clamped
+    ends would pile several minute ticks onto the last step)."""
+    import numpy as np
+
+    steps, minutes = np.array([0] + [s for s, _ in clock], float), np.array([0] + [v / 60 for _, v in clock])
+    far, rate = 100 * steps[-1], minutes[-1] / steps[-1]
+    steps, minutes = np.r_[-far, steps, far], np.r_[-far * rate, minutes, minutes[-1] + (far - steps[-1]) * rate]
+    return (lambda x: np.interp(x, steps, minutes)), (lambda m: np.interp(m, minutes, steps))
 
 
 class History:
@@ -69,15 +81,7 @@ class History:
             ax.set_ylim(0, 1.02)
             clock = self.series("eval/train_seconds")
             if len(clock) >= 2:  # the same points against training wall-clock (evaluations excluded), on top
-                import numpy as np
-
-                steps, minutes = np.array([0] + [s for s, _ in clock], float), np.array([0] + [v / 60 for _, v in clock])
-                # past both ends at the mean rate, so that the axis margins map one to one (a clamped end would put
-                # several minute ticks on the last step)
-                far, rate = 100 * steps[-1], minutes[-1] / steps[-1]
-                steps, minutes = np.r_[-far, steps, far], np.r_[-far * rate, minutes, minutes[-1] + (far - steps[-1]) * rate]
-                top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, steps, minutes),
-                                                           lambda m: np.interp(m, minutes, steps)))
+                top = ax.secondary_xaxis("top", functions=steps_to_minutes(clock))
                 top.set_xlabel("training minutes (evaluations excluded)", fontsize=8)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
