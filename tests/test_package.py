@@ -3,6 +3,7 @@ module, data file and command; tools/ only wraps the package's commands."""
 
 import logging
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -91,5 +92,17 @@ def test_tools_only_call_the_package_commands():
     for path in sorted((ROOT / "tools").glob("*.py")):
         if path.name == "benchmark.py":
             continue
-        assert path.read_text() == f"import sys\n\nfrom diffdis.cli.{path.stem} import main\n\nsys.exit(main())\n", path
+        assert path.read_text() == (f"import sys\n\nfrom diffdis.cli.{path.stem} import main\n\n"
+                                    f"if __name__ == \"__main__\":\n    sys.exit(main())\n"), path
         assert (ROOT / "diffdis" / "cli" / path.name).is_file()
+
+
+def test_tools_are_safe_to_import_from_a_spawned_worker():
+    """A spawned worker (compare --jobs) re-runs the parent's script as ``__mp_main__``: that must not start the tool.
+
+    Without the ``__main__`` guard the worker would run ``main()`` again, parsing this process's argv, and the
+    process pool breaks (``python tools/compare.py --jobs 2`` failed this way).
+    """
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        namespace = runpy.run_path(str(path), run_name="__mp_main__")
+        assert callable(namespace["main"]), path
