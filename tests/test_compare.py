@@ -223,6 +223,46 @@ def test_jobs_run_seeds_in_worker_processes_with_a_share_of_the_cores(tmp_path):
     assert all(r["status"] == "failed" and f"error: threads {share}" in r["error"] for r in runs if r["arm"] == "broken")
 
 
+FAKE_TRAINER = """
+import json, pathlib, sys, time
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+folder = pathlib.Path(args["train.output_dir"])
+spans = folder.parents[1] / "spans.txt"
+began = time.time()
+time.sleep(0.5)
+source = args.get("source")
+if source and not (pathlib.Path(source) / "zeroshot_index.json").is_file():
+    print("error: started before the run it reads had ended"); sys.exit(3)
+(folder / "model").mkdir(parents=True)
+(folder / "model" / "zeroshot_index.json").write_text("{}")
+(folder / "train_summary.json").write_text(json.dumps({"global_step": 4, "ms_per_step": 1.0}))
+(folder / "eval").mkdir()
+(folder / "eval" / "metrics.json").write_text(json.dumps({"metrics": {"shape/acc1": 1.0}}))
+with spans.open("a") as fh:
+    fh.write(f"{began} {time.time()}\\n")
+"""
+
+
+def test_jobs_keep_every_worker_busy_and_start_a_reading_arm_after_its_source(tmp_path):
+    trainer = tmp_path / "fake_train.py"
+    trainer.write_text(FAKE_TRAINER)
+    arms = [Arm("a"), Arm("b", ("source={run:a}",))]
+    settings = CompareSettings(arms=arms, train_command=[sys.executable, str(trainer)], seeds=[0, 1, 2], jobs=2)
+    lines = []
+    runs = lib.run_all(settings, tmp_path / "out", log=lines.append)
+    assert [(r["arm"], r["seed"], r["status"]) for r in runs] == [(a.name, s, "ok") for s in (0, 1, 2) for a in arms], runs
+    spans = [tuple(map(float, line.split())) for line in (tmp_path / "out" / "spans.txt").read_text().splitlines()]
+    assert len(spans) == 6
+    most = max(sum(b <= t < e for b, e in spans) for t, _ in spans)
+    assert most == 2  # two at once, never more
+    started = [line.split("] ")[1].split(" ->")[0] for line in lines if " -> " in line]
+    # the source arm's runs first: the third worker slot goes to seed 2's "a", not to seed 0's "b" (which would
+    # leave seed 2's "b" waiting alone at the end)
+    assert started[:3] == ["a, seed 0", "a, seed 1", "a, seed 2"], started
+    assert sorted(started[3:]) == ["b, seed 0", "b, seed 1", "b, seed 2"]
+    assert lines[0] == f"6 runs, 2 at a time, {max(1, (os.cpu_count() or 1) // 2)} thread(s) each"
+
+
 def test_a_prior_run_is_trained_but_not_evaluated(tmp_path):
     arm = Arm("prior", ("method=prior",))
     settings = CompareSettings(arms=[arm], train_command=FAIL, seeds=[0], overrides=["train.max_steps=4"])

@@ -4,7 +4,7 @@
     python tools/compare.py --arm diffdis --arm gen_only --arm lam0.1:method=diffdis,loss.lambda_ita=0.1 \\
         --seeds 0 1 train.max_minutes=10                                              # same wall-clock budget
     python tools/compare.py --arms-file arms.yaml --num-processes 2 --eval-args "--quick --skip fid"
-    python tools/compare.py --jobs 2 data.name=compositional train.max_steps=1000       # two seeds at once (2 cores)
+    python tools/compare.py --jobs 2 data.name=compositional train.max_steps=1000       # two runs at once (2 cores)
 
 (``diffdis-compare`` or ``python -m diffdis.cli.compare`` from an installed copy.)
 
@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=1,
                    help="processes per training run; above 1 trains under accelerate launch --multi_gpu (default: 1)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="seeds trained and evaluated at once, each in its own process with an equal share of the cores"
-                   " (default: 1; on 2 cores --jobs 2 runs two single-thread seeds side by side)")
+                   help="runs trained and evaluated at once, each with an equal share of the cores; an arm reading"
+                   " another arm's model waits for it (default: 1; on 2 cores --jobs 2 keeps both cores busy with"
+                   " single-thread runs)")
     p.add_argument("--eval-args", default="--quick",
                    help="evaluation options, those of diffdis-evaluate (default: '--quick')")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every arm (e.g. train.max_steps=600)")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..eval.api import EvaluationOptions, evaluate_model, preset_sizes, report
-from .arms import Arm, CompareError, resolve_runs
+from .arms import RUN_REF, Arm, CompareError, resolve_runs
 
 COST_KEYS = ("trainable_parameters", "total_parameters", "ms_per_step", "peak_rss_mb", "peak_cuda_memory_mb",
              "train_loop_seconds")  # what train_summary.json says a run cost (diffdis.train.trainer.resource_summary)
@@ -43,7 +43,7 @@ class CompareSettings:
     evaluation: EvaluationOptions = field(default_factory=lambda: EvaluationOptions(sizes=preset_sizes("quick")))
     run_folder: str = "{arm}/seed{seed}"  # run folder under the output folder ({arm}: the arm's folder name)
     env: Optional[Mapping[str, str]] = None  # the child's environment (None: this process's)
-    jobs: int = 1  # seeds run at once, each in its own worker process with cpu_count // jobs threads
+    jobs: int = 1  # runs at once, each in a worker process with cpu_count // jobs threads
 
 
 def run_dir(settings: CompareSettings, out: Path, arm: Arm, seed: int) -> Path:
@@ -186,35 +186,61 @@ def seed_runs(settings: CompareSettings, out: Path, seed: int, log: Callable[[st
     return runs
 
 
-def _seed_worker(settings: CompareSettings, out: Path, seed: int, threads: int) -> List[Dict[str, Any]]:
-    """One seed's runs in a worker process: ``threads`` for its evaluations and its training children."""
+def _init_worker(threads: int) -> None:
+    """A worker process of a parallel comparison: ``threads`` for the evaluations it runs."""
     import torch
 
     torch.set_num_threads(threads)
-    env = dict(settings.env if settings.env is not None else os.environ, OMP_NUM_THREADS=str(threads))
-    settings = CompareSettings(**{**settings.__dict__, "env": env, "jobs": 1})
-    return seed_runs(settings, out, seed, log=lambda line: print(line, flush=True))
 
 
 def run_all(settings: CompareSettings, out: Path, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     """Every arm for every seed; one record per run, in seed then arm order.
 
-    One seed at a time (so a partial comparison covers every arm), or, with ``settings.jobs`` above 1, that many
-    seeds at once, each in a worker process whose evaluations and training children get an equal share of the cores
-    (``cpu_count // jobs`` threads): on a 2-core machine ``jobs=2`` runs two single-thread seeds side by side.
+    One run at a time, seed by seed (so a partial comparison covers every arm), or, with ``settings.jobs`` above 1,
+    that many runs at once in worker processes, each run's evaluation and training child with an equal share of the
+    cores (``cpu_count // jobs`` threads): on a 2-core machine ``jobs=2`` keeps both cores busy with single-thread
+    runs, whatever the number of seeds. Runs start in seed then arm order; an arm that reads another arm's model
+    (``{run:ARM}``) starts once that arm's run of the same seed has ended.
     """
     check_reusable(settings, out)
-    if settings.jobs <= 1 or len(settings.seeds) == 1:
-        start = time.perf_counter()
+    start = time.perf_counter()
+    if settings.jobs <= 1:
         return [record for seed in settings.seeds for record in seed_runs(settings, out, seed, log, start)]
+    return _run_parallel(settings, out, log, start)
+
+
+def _run_parallel(settings: CompareSettings, out: Path, log: Callable[[str], None], start: float) -> List[Dict[str, Any]]:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, (os.cpu_count() or 1) // settings.jobs)
-    log(f"{len(settings.seeds)} seeds, {settings.jobs} at a time, {threads} thread(s) each")
-    with ProcessPoolExecutor(settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_seed_worker, settings, Path(out), seed, threads) for seed in settings.seeds]
-        return [record for future in futures for record in future.result()]
+    env = dict(settings.env if settings.env is not None else os.environ, OMP_NUM_THREADS=str(threads))
+    worker = CompareSettings(**{**settings.__dict__, "env": env, "jobs": 1})
+    needs = {arm.name: set(RUN_REF.findall(" ".join(arm.overrides))) for arm in settings.arms}
+    sources = set().union(*needs.values())  # arms read by others go first, so that no reader waits at the end
+    todo = [(seed, arm) for first in (True, False) for seed in settings.seeds for arm in settings.arms
+            if (arm.name in sources) == first]
+    ended: Dict[Any, Dict[str, Any]] = {}
+    log(f"{len(todo)} runs, {settings.jobs} at a time, {threads} thread(s) each")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(settings.jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        running: Dict[Any, Any] = {}
+        while todo or running:
+            for seed, arm in list(todo):  # the first runs whose sources have ended, up to `jobs` at once
+                if len(running) >= settings.jobs:
+                    break
+                if all((seed, name) in ended for name in needs[arm.name]):
+                    todo.remove((seed, arm))
+                    log(f"[{(time.perf_counter() - start) / 60:5.1f} min] {arm.name}, seed {seed} -> "
+                        f"{run_dir(settings, out, arm, seed)}")
+                    running[pool.submit(run_one, worker, out, arm, seed)] = (seed, arm)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                seed, arm = running.pop(future)
+                record = ended[(seed, arm.name)] = future.result()
+                if record["status"] != "ok":
+                    log(f"  failed ({arm.name}, seed {seed}): {record['error']}")
+    return [ended[(seed, arm.name)] for seed in settings.seeds for arm in settings.arms]
 
 
 def run_values(record: Mapping[str, Any]) -> Dict[str, float]:
