@@ -197,6 +197,7 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = False  # flips falsify captions that name positions
     num_workers: int = 0
+    memory_cache_mb: float = 1024  # map-style data with center_crop and no random_flip: each decoded, resized image is kept (uint8) after its first use when the whole training set fits in this many MB per process (shared among its DataLoader workers); 0 turns it off
     seed: int = 0  # seed of the embedded dataset
     cache_dir: Optional[str] = None  # latent cache of this data and VAE (tools/cache.py; model.use_vae runs only): latents are drawn from stored encodings instead of encoding every batch
 

@@ -40,6 +40,63 @@ def test_replacing_dataset_keeps_every_item_usable_and_draws_are_seeded(tmp_path
     assert torch.equal(again["pixel_values"], items[3]["pixel_values"])
 
 
+def test_kept_examples_come_back_bit_for_bit_without_preparing_again(tmp_path, prepare):
+    folder = write_imagefolder(tmp_path / "f", 16, corrupt=[5])
+    raw = load_image_text_dataset(str(folder))
+    calls = []
+
+    def counted(example):
+        calls.append(1)
+        return prepare(example)
+
+    plain = ReplacingDataset(raw, prepare, seed=0)
+    kept = ReplacingDataset(raw, counted, seed=0, cache_bytes=2**20)
+    first = [kept[i] for i in range(16)]
+    prepared = len(calls)
+    assert prepared == 17  # 16 examples, one of them replaced after an unreadable image
+    for _ in range(2):  # later epochs: nothing decoded again, the same examples as an uncached dataset gives
+        again = [kept[i] for i in range(16)]
+        assert len(calls) == prepared
+        for a, b, c in zip(again, first, (plain[i] for i in range(16))):
+            assert a["pixel_values"].dtype == torch.float32 and torch.equal(a["pixel_values"], c["pixel_values"])
+            assert torch.equal(a["pixel_values"], b["pixel_values"])
+            assert a["caption_options"] == c["caption_options"] and a["num_replaced"] == c["num_replaced"]
+    assert kept.kept[0]["pixel_values"].dtype == torch.uint8  # a quarter of float32's memory
+    again[0]["pixel_values"].add_(1.0)  # a caller changing its batch does not change what is kept
+    assert torch.equal(kept[0]["pixel_values"], plain[0]["pixel_values"])
+
+
+def test_cache_stops_at_its_budget_and_keeps_other_pixels_as_they_are(tmp_path, prepare):
+    raw = load_image_text_dataset(str(write_imagefolder(tmp_path / "f", 8)))
+    one = 3 * 8 * 8 + 512
+    small = ReplacingDataset(raw, prepare, cache_bytes=2 * one)
+    [small[i] for i in range(8)]
+    assert sorted(small.kept) == [0, 1] and small.kept_bytes == 2 * one
+
+    def scaled(example):  # pixels that no uint8 image gives: kept as float32
+        out = prepare(example)
+        return {**out, "pixel_values": out["pixel_values"] / 3.0}
+
+    odd = ReplacingDataset(raw, scaled, cache_bytes=2**20)
+    value = odd[2]["pixel_values"]
+    assert odd.kept[2]["pixel_values"].dtype == torch.float32 and torch.equal(odd[2]["pixel_values"], value)
+
+
+def test_memory_cache_budget_is_all_or_nothing():
+    from types import SimpleNamespace
+
+    from diffdis.train.build import memory_cache_bytes
+
+    data = SimpleNamespace(memory_cache_mb=1.0, num_workers=0, resolution=16)
+    each = 3 * 16 * 16 + 512
+    assert memory_cache_bytes(data, 2**20 // each, True) == 2**20
+    assert memory_cache_bytes(data, 2**20 // each + 1, True) == 0  # the whole set does not fit: nothing kept
+    assert memory_cache_bytes(data, 10, False) == 0  # random crops or flips: each epoch differs
+    assert memory_cache_bytes(SimpleNamespace(memory_cache_mb=0, num_workers=0, resolution=16), 10, True) == 0
+    two = SimpleNamespace(memory_cache_mb=1.0, num_workers=2, resolution=16)
+    assert memory_cache_bytes(two, 10, True) == 2**19  # each worker keeps its own copy
+
+
 def test_replacing_dataset_with_nothing_readable_is_one_error(tmp_path, prepare):
     folder = write_imagefolder(tmp_path / "f", 8, corrupt=range(8))
     with pytest.raises(DataError, match="no usable example"):

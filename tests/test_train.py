@@ -97,6 +97,18 @@ def test_resume_is_exact(tmp_path, tiny_overrides):
     assert not all(torch.equal(a[k], mid[k]) for k in a)
 
 
+def test_images_kept_in_memory_train_exactly_as_images_decoded_each_epoch(tmp_path, tiny_overrides):
+    common = tiny_overrides + ["train.max_steps=6", "train.checkpointing_steps=0", "data.num_train_samples=12",
+                               "train.validation_every=0"]  # 3 steps per epoch: the second epoch reads kept images
+    kept, decoded = tmp_path / "kept", tmp_path / "decoded"
+    proc = accelerate(common + [f"train.output_dir={kept}"])
+    assert "decoded images kept in memory" in proc.stderr + proc.stdout
+    proc = accelerate(common + [f"train.output_dir={decoded}", "data.memory_cache_mb=0"])
+    assert "decoded images kept in memory" not in proc.stderr + proc.stdout
+    a, b = weights(kept / "model"), weights(decoded / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "kept images changed the training"
+
+
 @pytest.mark.slow
 def test_two_processes_keep_replicas_identical(tmp_path, tiny_overrides):
     # loss.ita_every=2: step 1 leaves the text stream without gradients; DDP must carry on into step 2

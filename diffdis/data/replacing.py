@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
+from diffdis.data.transforms import pixels_to_uint8, uint8_to_pixels
+
 logger = logging.getLogger("diffdis.data")
 
 Prepare = Callable[[Mapping[str, Any]], Optional[Dict[str, Any]]]
@@ -45,26 +47,53 @@ class ReplacingDataset(torch.utils.data.Dataset):
         prepare: maps a raw example to a prepared one (``ImageTextCollator.prepare``) or None.
         seed: seeds the replacement draws (with the index of the example replaced).
         max_draws: replacement draws before giving up with :class:`DataError`.
+        cache_bytes: keep each prepared example in memory, up to about this many bytes, and return the kept one
+            when its index comes again (0: keep none). Only for a ``prepare`` that gives the same output every
+            time (``ImageTextCollator.deterministic``): a kept example is returned as it was first prepared,
+            replacement count included. Images made by ``to_pixel_values`` are kept as uint8 (a quarter of the
+            memory) and given back bit for bit. Each process (and DataLoader worker) keeps its own.
     """
 
-    def __init__(self, dataset, prepare: Prepare, seed: int = 0, max_draws: int = 64) -> None:
+    def __init__(self, dataset, prepare: Prepare, seed: int = 0, max_draws: int = 64, cache_bytes: int = 0) -> None:
         self.dataset = dataset
         self.prepare = prepare
         self.seed = seed
         self.max_draws = max_draws
+        self.cache_bytes = int(cache_bytes)
+        self.kept: Dict[int, Dict[str, Any]] = {}
+        self.kept_bytes = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        candidate, rng = int(index), None
+        kept = self.kept.get(int(index))
+        if kept is not None:
+            pixels = kept["pixel_values"]
+            return {**kept, "pixel_values": uint8_to_pixels(pixels) if pixels.dtype == torch.uint8 else pixels.clone()}
+        example = self._prepare(int(index))
+        if self.kept_bytes < self.cache_bytes:
+            self._keep(int(index), example)
+        return example
+
+    def _keep(self, index: int, example: Dict[str, Any]) -> None:
+        pixels = example.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor):
+            return
+        small = pixels_to_uint8(pixels) if pixels.dtype == torch.float32 else None
+        stored = small if small is not None else pixels.clone()
+        self.kept[index] = {**example, "pixel_values": stored}
+        self.kept_bytes += stored.numel() * stored.element_size() + 512  # + the dict, captions and counts, roughly
+
+    def _prepare(self, index: int) -> Dict[str, Any]:
+        candidate, rng = index, None
         for replaced in range(self.max_draws + 1):
             example = self.prepare(self.dataset[candidate])
             if example is not None:
                 example["num_replaced"] = replaced
                 return example
             if rng is None:
-                rng = np.random.default_rng([self.seed, int(index)])
+                rng = np.random.default_rng([self.seed, index])
             candidate = int(rng.integers(len(self.dataset)))
         raise DataError(
             f"no usable example (readable image, non-empty caption) in {self.max_draws + 1} draws from a dataset of "

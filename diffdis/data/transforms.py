@@ -133,6 +133,18 @@ def to_pixel_values(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
 
 
+def pixels_to_uint8(pixel_values: torch.Tensor) -> torch.Tensor | None:
+    """The uint8 image (3, H, W) that :func:`to_pixel_values` made ``pixel_values`` from, or None when
+    ``pixel_values`` did not come from one (``uint8_to_pixels`` of the result would not give it back bit for bit)."""
+    image = ((pixel_values + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (3, H, W)
+    return image if torch.equal(uint8_to_pixels(image), pixel_values) else None
+
+
+def uint8_to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> float32 (3, H, W) in [-1, 1], the same arithmetic as :func:`to_pixel_values`."""
+    return image.to(torch.float32) / 127.5 - 1.0
+
+
 class ImageTextCollator:
     """Turn a list of dataset examples into a model batch, dropping unusable examples.
 
@@ -180,6 +192,12 @@ class ImageTextCollator:
         self.caption_key = caption_key
         self.captions_key = captions_key
         self.num_skipped = 0
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether :meth:`prepare` gives the same output for the same example every time (centre crop, no
+        flip), so that its result may be kept and reused."""
+        return self.center_crop and not self.random_flip
 
     def _options(self, example: Mapping[str, Any]) -> list[str]:
         if self.captions_key and example.get(self.captions_key):

@@ -141,6 +141,18 @@ def make_collator(cfg, tokenizer, generator: Optional[torch.Generator] = None, d
     return ImageTextCollator(tokenizer, d.resolution, d.center_crop, d.random_flip, generator=generator, defer_choice=defer_choice)
 
 
+def memory_cache_bytes(data_cfg, num_examples: int, deterministic: bool) -> int:
+    """The ``cache_bytes`` of the training set's :class:`~diffdis.data.replacing.ReplacingDataset`: the budget of
+    ``data.memory_cache_mb`` (per DataLoader worker) when every one of ``num_examples`` prepared images fits in it
+    (3 x resolution² uint8 bytes and a little for its captions each) and the collator's output is the same every
+    time (``deterministic``), else 0: a cache that holds only part of the data would cost memory and save little."""
+    if not deterministic or data_cfg.memory_cache_mb <= 0:
+        return 0
+    budget = data_cfg.memory_cache_mb * 2**20 / max(1, data_cfg.num_workers)
+    need = num_examples * (3 * data_cfg.resolution**2 + 512)
+    return int(budget) if need <= budget else 0
+
+
 # where torch's fused AdamW kernel runs (its documentation: floating-point parameters on these devices)
 FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
 

@@ -32,7 +32,7 @@ from ..data.replacing import DataError, ExampleStream, ReplacingDataset, StreamP
 from ..data.transforms import choose_captions, tokenize
 from ..models.components import encode_latents
 from ..utils.distributed import new_accelerator
-from .build import build_components, build_optimizer, caption_corpus, load_split, make_collator
+from .build import build_components, build_optimizer, caption_corpus, load_split, make_collator, memory_cache_bytes
 from .checkpoint import Counter, GeneratorState, PerProcessState, read_step, register_hooks, resolve_resume, save_checkpoint
 from .evaluation import TrainingEvaluator
 from .history import History
@@ -271,9 +271,15 @@ def setup(cfg) -> Run:
     iterable = isinstance(train_set, datasets.IterableDataset)
     loader = None
     if not iterable:  # unusable examples are replaced by seeded draws, so every process's batch keeps its size
-        examples = train_set if cfg.data.cache_dir else ReplacingDataset(train_set, collate.prepare, seed=t.seed)
-        loader = DataLoader(
-            examples, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers
+        keep = 0 if cfg.data.cache_dir else memory_cache_bytes(cfg.data, len(train_set), collate.deterministic)
+        examples = train_set if cfg.data.cache_dir else ReplacingDataset(train_set, collate.prepare, seed=t.seed, cache_bytes=keep)
+        if keep:
+            logger.info(f"decoded images kept in memory after their first epoch ({len(train_set)} examples, at most "
+                        f"{keep / 2**20:.0f} MB per {'worker' if cfg.data.num_workers else 'process'}; data.memory_cache_mb)",
+                        main_process_only=True)
+        loader = DataLoader(  # persistent workers keep their kept images from one epoch to the next
+            examples, batch_size=t.batch_size, shuffle=True, drop_last=True, collate_fn=collate, num_workers=cfg.data.num_workers,
+            persistent_workers=bool(keep and cfg.data.num_workers),
         )
     optimizer = build_optimizer(cfg, module, accelerator.device)
     lr_scheduler = get_scheduler(
