@@ -8,6 +8,7 @@
     python benchmarks/run.py train                        # tiny default: DiffDis step vs diffusers' step
     python benchmarks/run.py train model.patch_size=1 ... # any training-config override
     python benchmarks/run.py quality --eval-every 200    # time to the demo's targets: joint vs gen_only + clip
+    python benchmarks/run.py data                         # the trainer's loader: images kept in memory vs decoded
 
 ``sample`` (benchmarks/sample.py) times DiffDisPipeline against a vanilla diffusers ``StableDiffusionPipeline``
 holding the same weights. ``zeroshot`` (benchmarks/zeroshot.py) gives images/s of DiffDis zero-shot classification
@@ -16,6 +17,8 @@ the same model and images. ``train`` (benchmarks/train.py) times one DiffDis tra
 generation-only step of diffusers' ``train_text_to_image.py``; the ratio is what the second task costs per step.
 ``quality`` (benchmarks/quality.py) trains the joint model, and gen_only and clip separately, each until its targets
 (prompt adherence, zero-shot accuracy) are met; the ratio is the joint model's training time over the two others'.
+``data`` (benchmarks/data.py) times the trainer's loader with decoded images kept in memory against decoding them
+every epoch.
 
 Without ``--model`` the components are built from the preset with random weights: speed does not depend on the
 weights. Timings are medians of ``--repeats`` rounds after a warm-up. The JSON also records what each arm ran
@@ -42,10 +45,10 @@ if __package__ in (None, ""):  # run as a script: import the benchmarks as a pac
 
 import torch  # noqa: E402
 
-from benchmarks import quality, sample, train, zeroshot  # noqa: E402
+from benchmarks import data, quality, sample, train, zeroshot  # noqa: E402
 from benchmarks.common import DTYPES, CliError, pick_device  # noqa: E402
 
-BENCHMARKS = {"sample": sample, "zeroshot": zeroshot, "train": train, "quality": quality}
+BENCHMARKS = {"sample": sample, "zeroshot": zeroshot, "train": train, "quality": quality, "data": data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +97,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     result.update(
-        benchmark=args.command, model=getattr(args, "model", None) or (f"{args.preset} preset, random weights" if hasattr(args, "preset")
+        benchmark=args.command, model=result["model"] if "model" in result else getattr(args, "model", None) or (f"{args.preset} preset, random weights" if hasattr(args, "preset")
                                                 else "configs/tiny.yaml with the overrides, trained"),
         device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -306,3 +306,17 @@ def test_gpu_script_smoke_runs_every_command(tmp_path):
     assert json.loads((tmp_path / "train_compile.json").read_text())["compile"] == "eager"
     assert json.loads((tmp_path / "tiny_trainer" / "train_summary.json").read_text())["global_step"] == 3
     assert "(0 failed)" in proc.stdout
+
+
+def test_data_keeps_every_image_and_times_both_loaders(tmp_path, capsys):
+    out = tmp_path / "data.json"
+    result = _run(["data", "--batches", "3", "--repeats", "1", "data.num_train_samples=64", "train.batch_size=8"], out)
+    _check_fields(result, ("kept_ms_per_batch", "decoded_ms_per_batch", "speedup", "first_epoch_s", "reference"))
+    _check_positive(result, ("kept_ms_per_batch", "decoded_ms_per_batch", "speedup", "first_epoch_s", "kept_mb"))
+    assert result["kept_examples"] == result["num_examples"] == 64 and result["first_epoch_batches"] == 8
+    assert result["batches_per_round"] == 3 and [len(t) for t in result["times_s"].values()] == [1, 1]
+    assert result["command"].startswith("python benchmarks/run.py data")
+    assert run.main(["data", "--out", str(tmp_path / "none.json"), "data.num_train_samples=64", "data.memory_cache_mb=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "nothing would be kept" in err and "\n" not in err
+    assert not (tmp_path / "none.json").exists()

@@ -105,8 +105,12 @@ def test_images_kept_in_memory_train_exactly_as_images_decoded_each_epoch(tmp_pa
     assert "decoded images kept in memory" in proc.stderr + proc.stdout
     proc = accelerate(common + [f"train.output_dir={decoded}", "data.memory_cache_mb=0"])
     assert "decoded images kept in memory" not in proc.stderr + proc.stdout
-    a, b = weights(kept / "model"), weights(decoded / "model")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "kept images changed the training"
+    worker = tmp_path / "worker"  # a persistent DataLoader worker keeps its own images from epoch to epoch
+    proc = accelerate(common + [f"train.output_dir={worker}", "data.num_workers=1"])
+    assert "per worker" in proc.stderr + proc.stdout
+    a, b, c = weights(kept / "model"), weights(decoded / "model"), weights(worker / "model")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a), "kept images changed the training"
 
 
 @pytest.mark.slow

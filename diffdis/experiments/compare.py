@@ -187,10 +187,15 @@ def seed_runs(settings: CompareSettings, out: Path, seed: int, log: Callable[[st
 
 
 def _init_worker(threads: int) -> None:
-    """A worker process of a parallel comparison: ``threads`` for the evaluations it runs."""
+    """A worker process of a parallel comparison: ``threads`` for the evaluations it runs, and no loading bars
+    (several workers' bars would interleave in one console; the parent logs each run's start and failure)."""
+    import diffusers
     import torch
+    import transformers
 
     torch.set_num_threads(threads)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def run_all(settings: CompareSettings, out: Path, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
