@@ -204,8 +204,8 @@ def run_all(settings: CompareSettings, out: Path, log: Callable[[str], None] = p
     One run at a time, seed by seed (so a partial comparison covers every arm), or, with ``settings.jobs`` above 1,
     that many runs at once in worker processes, each run's evaluation and training child with an equal share of the
     cores (``cpu_count // jobs`` threads): on a 2-core machine ``jobs=2`` keeps both cores busy with single-thread
-    runs, whatever the number of seeds. Runs start in seed then arm order; an arm that reads another arm's model
-    (``{run:ARM}``) starts once that arm's run of the same seed has ended.
+    runs, whatever the number of seeds. The runs of arms that others read (``{run:ARM}``) start first, then the
+    others in seed then arm order; a reading arm starts once its source's run of the same seed has ended.
     """
     check_reusable(settings, out)
     start = time.perf_counter()
