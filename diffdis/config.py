@@ -377,6 +377,9 @@ def _validate_evaluation(cfg: Config) -> None:
     z = cfg.zeroshot
     if z.steps < 1 or z.noise_samples < 1:
         raise ConfigError("zeroshot.steps and zeroshot.noise_samples must be at least 1")
+    if z.guidance != 0 and cfg.loss.p_uncond == 0:
+        raise ConfigError(f"zeroshot.guidance={z.guidance} needs the image-free branch, which loss.p_uncond=0 does not train:"
+                          " set zeroshot.guidance=0 or loss.p_uncond > 0")
     check_evaluation_data(cfg)
 
 

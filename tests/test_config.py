@@ -58,3 +58,10 @@ def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
     assert load_config("sd15", ["data.name=embedded"]).train.mixed_precision == "bf16"
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(None, ["train.mixed_precision=yes"])
+
+
+def test_zero_shot_guidance_without_image_dropout_is_refused():
+    with pytest.raises(ConfigError, match="zeroshot.guidance"):
+        load_config(None, ["loss.p_uncond=0", "zeroshot.guidance=1"])
+    assert load_config(None, ["loss.p_uncond=0", "zeroshot.guidance=0"]).loss.p_uncond == 0
+    assert load_config(None, ["loss.p_uncond=0.1", "zeroshot.guidance=1"]).zeroshot.guidance == 1

@@ -117,3 +117,21 @@ def test_bad_settings_and_folders_are_one_line_errors(saved, tmp_path):
         applicable(old)
     assert applicable(folder) == {"method": "diffdis", "generates": True, "discriminates": True, "classifier": "diffdis",
                                    "trained_on": None}
+
+
+def test_guidance_is_refused_for_a_model_that_never_trained_the_image_free_branch(saved, tmp_path):
+    pipe = DiffDisZeroShotPipeline(**_parts(), num_inference_steps=2, image_dropout=0.0)
+    assert pipe.encode_images(_pixels(), _gens()).shape == (3, CONTEXT_DIM)  # w = 0 (the default) needs no ∅ branch
+    with pytest.raises(ZeroShotModelError, match="p_uncond=0"):
+        pipe.encode_images(_pixels(), _gens(), guidance_scale=1.0)
+    pipe.save_index(tmp_path)
+    assert json.loads((tmp_path / "zeroshot_index.json").read_text())["image_dropout"] == 0.0
+    folder, _ = saved  # its index records 0.1 (the constructor's default): guidance as before
+    index = json.loads((folder / "zeroshot_index.json").read_text())
+    assert index["image_dropout"] == 0.1
+    old = tmp_path / "old"
+    DiffDisPipeline.from_pretrained(folder).save_pretrained(old)
+    index.pop("image_dropout")  # a folder saved before the field existed was trained with p_uncond = 0.1
+    (old / "zeroshot_index.json").write_text(json.dumps(index))
+    loaded = load_zero_shot_pipeline(old)
+    assert loaded.config.image_dropout == 0.1 and loaded.encode_images(_pixels(), _gens()).shape == (3, CONTEXT_DIM)

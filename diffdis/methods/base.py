@@ -127,7 +127,7 @@ class Method(nn.Module):
             scheduler=components.noise_scheduler, vae=components.vae, text_scale=cfg.loss.text_scale,
             num_inference_steps=z.steps, guidance_scale=z.guidance, num_noise_samples=z.noise_samples,
             text_scheduler=z.scheduler, classifier="text_query" if self.discriminates else "diffusion_classifier",
-            method=self.name, generates=self.generates, resolution=cfg.data.resolution,
+            method=self.name, generates=self.generates, resolution=cfg.data.resolution, image_dropout=cfg.loss.p_uncond,
         )
 
     def save_pretrained(self, folder: Union[str, os.PathLike], components, cfg) -> None:

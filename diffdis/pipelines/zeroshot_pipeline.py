@@ -77,6 +77,9 @@ class DiffDisZeroShotPipeline(CustomComponentsPipeline):
         method: the training method that produced the model (a record; :func:`diffdis.eval.api.applicable` reads it).
         generates: whether that method trained generation (FID and prompt adherence apply).
         resolution: the image side the model was trained at (None: the UNet's sample size times the VAE factor).
+        image_dropout: the share of training pairs whose image was replaced by the unconditional input (the training's
+            ``loss.p_uncond``); 0 means the image-free branch Φ(e, t, ∅) was never trained, and guidance w ≠ 0 is
+            refused. Folders saved before this was recorded were trained with 0.1.
     """
 
     config_name = INDEX_NAME
@@ -99,6 +102,7 @@ class DiffDisZeroShotPipeline(CustomComponentsPipeline):
         method: str = "diffdis",
         generates: bool = True,
         resolution: Optional[int] = None,
+        image_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if classifier not in CLASSIFIERS:
@@ -114,7 +118,7 @@ class DiffDisZeroShotPipeline(CustomComponentsPipeline):
         self.register_to_config(
             text_scale=float(text_scale), num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
             num_noise_samples=int(num_noise_samples), text_scheduler=text_scheduler, classifier=classifier, method=method,
-            generates=bool(generates), resolution=int(resolution),
+            generates=bool(generates), resolution=int(resolution), image_dropout=float(image_dropout),
         )
 
     # ------------------------------------------------------------------ what the model offers
@@ -167,6 +171,9 @@ class DiffDisZeroShotPipeline(CustomComponentsPipeline):
         latents = images_to_latents(pixel_values.to(self.unet.device), self.vae)  # (B, C, h, w)
         steps = num_inference_steps if num_inference_steps is not None else cfg.num_inference_steps
         guidance = guidance_scale if guidance_scale is not None else cfg.guidance_scale
+        if guidance != 0 and not cfg.image_dropout:
+            raise ZeroShotModelError(f"zero-shot guidance w={guidance:g} needs the image-free branch, which this model did not"
+                                     " train (loss.p_uncond=0): use w=0, or train with loss.p_uncond > 0")
         noise = num_noise_samples if num_noise_samples is not None else cfg.num_noise_samples
         return sampler(latents, steps, guidance, noise, generator=generator)  # (B, d_e)
 
