@@ -34,7 +34,8 @@ def add_zero_shot_options(parser: argparse.ArgumentParser, prefix: str = "") -> 
     group.add_argument(f"--{prefix}steps", type=int, default=None,
                        help="K denoising steps of the text query (default: the model's saved value)")
     group.add_argument(f"--{prefix}guidance", type=float, default=None,
-                       help="w: (1+w)Φ(e,t,z) − wΦ(e,t,∅) (default: the model's saved value)")
+                       help="w: (1+w)Φ(e,t,z) − wΦ(e,t,∅) (default: the model's saved value; w != 0 needs a model"
+                       " trained with loss.p_uncond > 0)")
     group.add_argument(f"--{prefix}noise-samples", type=int, default=None,
                        help="noise samples averaged per image (default: the model's saved value)")
     group.add_argument(f"--{prefix}scheduler", default=None, choices=TEXT_SCHEDULERS,
