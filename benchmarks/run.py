@@ -97,7 +97,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     result.update(
-        benchmark=args.command, model=result["model"] if "model" in result else getattr(args, "model", None) or (f"{args.preset} preset, random weights" if hasattr(args, "preset")
+        benchmark=args.command, model=result.get("model") or getattr(args, "model", None) or (f"{args.preset} preset, random weights" if hasattr(args, "preset")
                                                 else "configs/tiny.yaml with the overrides, trained"),
         device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
