@@ -252,6 +252,7 @@ class TrainConfig:
     learning_rate_new: Optional[float] = None  # new parameters (text stream); None: learning_rate
     learning_rate_text_encoder: Optional[float] = None  # the text encoder, when trained; None: learning_rate
     weight_decay: float = 0.01
+    weight_decay_1d: bool = True  # decay parameters of fewer than 2 dimensions too (biases, norm scales, logit scales); False exempts them, as open_clip and timm do
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     adam_epsilon: float = 1e-8

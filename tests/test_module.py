@@ -143,3 +143,25 @@ def test_optimizer_has_a_learning_rate_for_the_unet_the_text_stream_and_the_text
     # a frozen text encoder is left out of the optimiser
     module.text_encoder.requires_grad_(False)
     assert len(build_optimizer(cfg, module).param_groups) == 2
+
+
+def test_weight_decay_1d_false_exempts_biases_norms_and_the_logit_scale_and_keeps_each_groups_learning_rate():
+    from diffdis.train.build import build_optimizer
+
+    module, _ = _module()
+    cfg = load_config("tiny", ["train.learning_rate=1e-3", "train.learning_rate_new=2e-3", "train.learning_rate_text_encoder=5e-4",
+                              "train.weight_decay=0.05", "train.weight_decay_1d=false"])
+    groups = build_optimizer(cfg, module).param_groups
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    # every trainable parameter is in exactly one group
+    assert len(by_id) == sum(len(g["params"]) for g in groups) == sum(1 for p in module.parameters() if p.requires_grad)
+    assert by_id[id(module.unet.logit_scale)]["weight_decay"] == 0.0
+    new = {id(p) for p in module.unet.new_parameters()}
+    text = {id(p) for p in module.text_encoder.parameters()}
+    for name, p in module.named_parameters():
+        group = by_id[id(p)]
+        assert group["weight_decay"] == (0.05 if p.ndim >= 2 else 0.0), name
+        assert group["lr"] == (2e-3 if id(p) in new else 5e-4 if id(p) in text else 1e-3), name
+    assert any(p.ndim < 2 for p in module.parameters()) and any(p.ndim >= 2 for p in module.parameters())
+    # the default decays everything, as before
+    assert {g["weight_decay"] for g in build_optimizer(load_config("tiny", ["train.weight_decay=0.05"]), module).param_groups} == {0.05}

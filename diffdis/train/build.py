@@ -157,6 +157,19 @@ def memory_cache_bytes(data_cfg, num_examples: int, deterministic: bool) -> int:
 FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
+def split_weight_decay(groups: List[dict]) -> List[dict]:
+    """Each parameter group split in two: its parameters of two or more dimensions (weight matrices, convolution
+    kernels, embeddings) as they are, and the rest (biases, norm scales, logit scales) with ``weight_decay`` 0, the
+    exemption open_clip and timm make; empty groups left out, each keeping its other settings (``lr``)."""
+    out = []
+    for g in groups:
+        for keep in (True, False):
+            params = [p for p in g["params"] if (p.ndim >= 2) == keep]
+            if params:
+                out.append({**g, "params": params, **({} if keep else {"weight_decay": 0.0})})
+    return out
+
+
 def build_optimizer(cfg, method, device: Optional[torch.device] = None) -> torch.optim.Optimizer:
     """AdamW over the method's parameter groups (:meth:`diffdis.methods.Method.param_groups`).
 
@@ -164,12 +177,17 @@ def build_optimizer(cfg, method, device: Optional[torch.device] = None) -> torch
     parameters: 2.9x faster than the default loop on CPU) when the parameters will train on a device of
     :data:`FUSED_ADAMW_DEVICES`, and torch's default otherwise; True asks for the fused kernel, False for the default.
 
+    ``train.weight_decay_1d`` False exempts biases, norm scales and logit scales from weight decay
+    (:func:`split_weight_decay`).
+
     Args:
         device: where the parameters will train (the trainer builds the optimiser before moving them); default:
             where they are now.
     """
     t = cfg.train
     groups = method.param_groups(cfg)
+    if not t.weight_decay_1d:
+        groups = split_weight_decay(groups)
     if device is None:
         device = next(p.device for g in groups for p in g["params"])
     fused = t.adam_fused if t.adam_fused is not None else torch.device(device).type in FUSED_ADAMW_DEVICES
