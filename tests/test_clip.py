@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from helpers_train import accelerate
+from helpers_train import train_two_processes_resume_and_evaluate
 from helpers_tiny import tiny_text_encoder, tiny_tokenizer, tiny_unet
 
 import diffdis.methods as methods
@@ -86,26 +84,5 @@ def test_clip_saves_a_zero_shot_pipeline_and_no_generator(tmp_path):
 
 @pytest.mark.slow
 def test_clip_trains_in_two_processes_resumes_and_is_evaluated(tmp_path, tiny_overrides, monkeypatch):
-    from diffdis.cli import evaluate, zeroshot
-
-    out = tmp_path / "clip"
-    args = tiny_overrides + CLIP[:1] + CLIP[2:] + [f"train.output_dir={out}", "train.report_to=none",
-                                                   "train.checkpointing_steps=2", "train.validation_every=2"]
-    accelerate(args + ["train.max_steps=2"], num_processes=2)
-    accelerate(args + ["train.max_steps=4", "train.resume_from_checkpoint=latest"], num_processes=2)
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["global_step"] == 4 and summary["replica_param_checksums"][0] == summary["replica_param_checksums"][1]
-    assert (out / "checkpoint-2" / "clip" / "config.json").is_file()
-    rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
-    assert any("train/loss_itc" in r for r in rows) and any("val/loss_itc" in r for r in rows)
-    index = json.loads((out / "model" / "zeroshot_index.json").read_text())
-    assert index["_class_name"] == "ClipZeroShotPipeline" and index["method"] == "clip" and not index["generates"]
-    assert zeroshot.main([str(out / "model"), "--task", "all", "--num-samples", "8", "--device", "cpu",
-                          "--out", str(tmp_path / "zs")]) == 0
-    results = json.loads((tmp_path / "zs" / "results.json").read_text())["results"]
-    assert set(results) == {"shape", "colour", "colour_shape"}
-    monkeypatch.setenv("DIFFDIS_CACHE", str(tmp_path / "cache"))
-    assert evaluate.main([str(out / "model"), "--out", str(tmp_path / "eval"), "--zeroshot-samples", "8",
-                          "--retrieval-samples", "8", "--batch-size", "8", "--device", "cpu"]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
-    assert "shape/acc1" in metrics and "retrieval/image_retrieval_recall@1" in metrics and "fid" not in metrics
+    args = tiny_overrides + CLIP[:1] + CLIP[2:]
+    train_two_processes_resume_and_evaluate(tmp_path / "clip", args, "clip", "ClipZeroShotPipeline", "clip", tmp_path, monkeypatch)

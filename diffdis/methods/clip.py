@@ -8,15 +8,15 @@ not latents, never generates, and saves itself as a :class:`~diffdis.pipelines.c
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Tuple
 
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPVisionConfig
 
 from ..config import ConfigError
-from ..losses import data_parallel_contrastive_loss
 from ..pipelines.clip_pipeline import ClipZeroShotPipeline, clip_vision_inputs
-from .base import Method, register
+from .base import register
+from .towers import ContrastiveTowersMethod
 
 
 def build_clip(cfg, text_encoder: CLIPTextModelWithProjection) -> CLIPModel:
@@ -41,70 +41,26 @@ def build_clip(cfg, text_encoder: CLIPTextModelWithProjection) -> CLIPModel:
 
 
 @register("clip")
-class ClipMethod(Method):
+class ClipMethod(ContrastiveTowersMethod):
     """L = symmetric InfoNCE between image and text features of a ``CLIPModel`` (``loss_itc``).
 
     ``forward(pixels, input_ids, empty_ids, generator, gather=True, step=None)`` takes pixel values in [-1, 1]
     (``input_space = "pixels"``); ``empty_ids``, ``generator`` and ``step`` are unused (the loss is deterministic).
     """
 
-    input_space = "pixels"
-
-    def __init__(self, clip: CLIPModel, logit_scale_max: float = 100.0):
-        super().__init__()
-        self.clip = clip
-        self.logit_scale_max = logit_scale_max
-        self.options = None
+    module_name = "clip"
+    pipeline_class = ClipZeroShotPipeline
 
     @classmethod
     def from_config(cls, cfg, components) -> "ClipMethod":
-        if cfg.data.cache_dir:
-            raise ConfigError("method=clip reads pixels: data.cache_dir (a latent cache) does not apply")
-        for frozen in (components.unet, components.vae, components.text_encoder):
-            if frozen is not None:
-                frozen.requires_grad_(False)  # not part of this method: the CLIP model has its own copy of the text tower
+        cls.check_and_freeze_components(cfg, components)  # the CLIP model has its own copy of the text tower
         return cls(build_clip(cfg, components.text_encoder), cfg.model.clip.logit_scale_max)
 
-    @classmethod
-    def trains_generation(cls, loss) -> bool:
-        return False
-
-    @classmethod
-    def trains_discrimination(cls, loss) -> bool:
-        return True
-
-    def loss_keys(self) -> List[str]:
-        return ["loss", "loss_itc", "acc_i2t", "acc_t2i"]
-
-    def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor, generator: torch.Generator,
-                gather: bool = True, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
-        pixels = latents  # (B, 3, R, R) in [-1, 1]: this method's input space is pixels
+    def features(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         image = self.clip.get_image_features(pixel_values=clip_vision_inputs(self.clip, pixels)).pooler_output  # (B, d)
         text = self.clip.get_text_features(input_ids=input_ids).pooler_output  # (B, d)
-        scale = self.clip.logit_scale.exp().clamp(max=self.logit_scale_max)
-        itc = data_parallel_contrastive_loss(image, text, scale, gather)
-        loss = itc["loss"]
-        return {"loss": loss, "loss_itc": loss, "acc_i2t": itc["acc_i2t"], "acc_t2i": itc["acc_t2i"],
-                "logit_scale": scale.detach()}
-
-    # ------------------------------------------------------------------ training set-up
-    def param_groups(self, cfg) -> List[dict]:
-        return [{"params": [p for p in self.clip.parameters() if p.requires_grad], "lr": cfg.train.learning_rate}]
-
-    def checkpoint_modules(self) -> Dict[str, torch.nn.Module]:
-        return {"clip": self.clip}
+        return image, text
 
     def configure_speed(self, cfg) -> None:
         if cfg.model.gradient_checkpointing:
             self.clip.gradient_checkpointing_enable()
-
-    # ------------------------------------------------------------------ inference
-    def text_to_image_pipeline(self, components, scheduler=None):
-        raise ValueError("method=clip does not generate images")
-
-    def zero_shot_pipeline(self, components, cfg) -> ClipZeroShotPipeline:
-        return ClipZeroShotPipeline(clip=self.clip, tokenizer=components.tokenizer, resolution=cfg.data.resolution,
-                                    method=self.name)
-
-    def save_pretrained(self, folder, components, cfg) -> None:
-        self.zero_shot_pipeline(components, cfg).save_pretrained(folder)

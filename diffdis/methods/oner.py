@@ -15,15 +15,15 @@ modalities; see :mod:`diffdis.models.single_tower` for the tower's own choices.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Tuple
 
 import torch
 
 from ..config import ConfigError
-from ..losses import data_parallel_contrastive_loss
 from ..models.single_tower import SingleTowerConfig, SingleTowerModel
 from ..pipelines.oner_pipeline import OneRZeroShotPipeline
-from .base import Method, register
+from .base import register
+from .towers import ContrastiveTowersMethod
 
 MAX_TEXT_POSITIONS = 4096  # beyond this, the tokenizer's model_max_length is taken to be unset
 
@@ -49,70 +49,26 @@ def build_single_tower(cfg, tokenizer) -> SingleTowerModel:
 
 
 @register("oner")
-class OneRMethod(Method):
+class OneRMethod(ContrastiveTowersMethod):
     """L = symmetric InfoNCE between the image and text features of one shared tower (``loss_itc``).
 
     ``forward(pixels, input_ids, empty_ids, generator, gather=True, step=None)`` takes pixel values in [-1, 1]
     (``input_space = "pixels"``); ``empty_ids``, ``generator`` and ``step`` are unused (the loss is deterministic).
     """
 
-    input_space = "pixels"
-
-    def __init__(self, tower: SingleTowerModel, logit_scale_max: float = 100.0):
-        super().__init__()
-        self.tower = tower
-        self.logit_scale_max = logit_scale_max
-        self.options = None
+    module_name = "tower"
+    pipeline_class = OneRZeroShotPipeline
 
     @classmethod
     def from_config(cls, cfg, components) -> "OneRMethod":
-        if cfg.data.cache_dir:
-            raise ConfigError("method=oner reads pixels: data.cache_dir (a latent cache) does not apply")
-        for unused in (components.unet, components.vae, components.text_encoder):
-            if unused is not None:
-                unused.requires_grad_(False)  # not part of this method: the tower embeds the tokens itself
+        cls.check_and_freeze_components(cfg, components)  # the tower embeds the tokens itself
         return cls(build_single_tower(cfg, components.tokenizer), cfg.model.oner.logit_scale_max)
 
-    @classmethod
-    def trains_generation(cls, loss) -> bool:
-        return False
-
-    @classmethod
-    def trains_discrimination(cls, loss) -> bool:
-        return True
-
-    def loss_keys(self) -> List[str]:
-        return ["loss", "loss_itc", "acc_i2t", "acc_t2i"]
-
-    def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor, generator: torch.Generator,
-                gather: bool = True, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
-        pixels = latents  # (B, 3, R, R) in [-1, 1]: this method's input space is pixels
+    def features(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         image = self.tower.encode_image(pixels)  # (B, d), through the shared transformer
         text = self.tower.encode_text(input_ids)  # (B, d), through the same transformer
-        scale = self.tower.logit_scale.exp().clamp(max=self.logit_scale_max)
-        itc = data_parallel_contrastive_loss(image, text, scale, gather)
-        loss = itc["loss"]
-        return {"loss": loss, "loss_itc": loss, "acc_i2t": itc["acc_i2t"], "acc_t2i": itc["acc_t2i"],
-                "logit_scale": scale.detach()}
-
-    # ------------------------------------------------------------------ training set-up
-    def param_groups(self, cfg) -> List[dict]:
-        return [{"params": [p for p in self.tower.parameters() if p.requires_grad], "lr": cfg.train.learning_rate}]
-
-    def checkpoint_modules(self) -> Dict[str, torch.nn.Module]:
-        return {"tower": self.tower}
+        return image, text
 
     def configure_speed(self, cfg) -> None:
         if cfg.model.gradient_checkpointing:
             self.tower.activation_checkpointing_enable()
-
-    # ------------------------------------------------------------------ inference
-    def text_to_image_pipeline(self, components, scheduler=None):
-        raise ValueError("method=oner does not generate images")
-
-    def zero_shot_pipeline(self, components, cfg) -> OneRZeroShotPipeline:
-        return OneRZeroShotPipeline(tower=self.tower, tokenizer=components.tokenizer, resolution=cfg.data.resolution,
-                                    method=self.name)
-
-    def save_pretrained(self, folder, components, cfg) -> None:
-        self.zero_shot_pipeline(components, cfg).save_pretrained(folder)

@@ -41,7 +41,6 @@ import torch
 
 from ..config import ConfigError
 from ..losses import data_parallel_contrastive_loss
-from ..pipelines.clip_pipeline import clip_vision_inputs
 from ..pipelines.prior_pipeline import DiffusionPriorPipeline
 from ..pipelines.zeroshot import ZeroShotModelError
 from ..pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline, load_zero_shot_pipeline
@@ -92,8 +91,7 @@ class RlegMethod(ClipMethod):
     @classmethod
     def from_config(cls, cfg, components) -> "RlegMethod":
         r = cfg.model.rleg
-        if cfg.data.cache_dir:
-            raise ConfigError("method=rleg reads pixels: data.cache_dir (a latent cache) does not apply")
+        cls.check_and_freeze_components(cfg, components)
         if not (r.generator or r.prior):
             raise ConfigError("method=rleg needs model.rleg.generator (a trained diffdis model folder) or model.rleg.prior"
                               " (a trained prior folder, method=prior), or both")
@@ -101,9 +99,6 @@ class RlegMethod(ClipMethod):
             raise ConfigError("model.rleg.weight and model.rleg.prior_weight must be >= 0")
         generator = load_generator(cfg) if r.generator else None
         prior = load_prior(r.prior, cfg.data.resolution) if r.prior else None
-        for frozen in (components.unet, components.vae, components.text_encoder):
-            if frozen is not None:
-                frozen.requires_grad_(False)
         if prior is None:
             components.tokenizer = generator.tokenizer  # the text tower's vocabulary is the generator's
             clip = build_clip(cfg, generator.text_encoder)
@@ -136,9 +131,8 @@ class RlegMethod(ClipMethod):
     def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, empty_ids: torch.Tensor, generator: torch.Generator,
                 gather: bool = True, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
         pixels = latents  # (B, 3, R, R) in [-1, 1]
-        image = self.clip.get_image_features(pixel_values=clip_vision_inputs(self.clip, pixels)).pooler_output  # (B, d)
-        text = self.clip.get_text_features(input_ids=input_ids).pooler_output  # (B, d)
-        scale = self.clip.logit_scale.exp().clamp(max=self.logit_scale_max)
+        image, text = self.features(pixels, input_ids)  # (B, d), (B, d)
+        scale = self.logit_scale()
         itc = data_parallel_contrastive_loss(image, text, scale, gather)
         loss = itc["loss"]
         out = {"loss_itc": itc["loss"].detach(), "acc_i2t": itc["acc_i2t"], "acc_t2i": itc["acc_t2i"],
