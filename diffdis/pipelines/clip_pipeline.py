@@ -9,28 +9,18 @@ and records ``generates=True`` so that FID and prompt adherence are scored on th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils import BaseOutput
-from PIL import Image
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from .base import CustomComponentsPipeline
-from .zeroshot import ZeroShotModelError, tokenize
+from .features import INDEX_NAME, FeaturesPipelineOutput, FeaturesZeroShotPipeline
 
-INDEX_NAME = "zeroshot_index.json"
+__all__ = ["INDEX_NAME", "ClipPipelineOutput", "ClipZeroShotPipeline", "clip_vision_inputs"]
 
 
-@dataclass
-class ClipPipelineOutput(BaseOutput):
-    """``logits_per_image`` (B, N) cosine similarities; ``image_embeds`` (B, d) and ``text_embeds`` (N, d), normalised."""
-
-    logits_per_image: torch.Tensor
-    image_embeds: torch.Tensor
-    text_embeds: torch.Tensor
+ClipPipelineOutput = FeaturesPipelineOutput  # logits_per_image, image_embeds, text_embeds
 
 
 def clip_vision_inputs(clip: CLIPModel, pixel_values: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
@@ -45,7 +35,7 @@ def clip_vision_inputs(clip: CLIPModel, pixel_values: torch.Tensor, mean=(0.5, 0
     return (((x + 1) / 2 - mean_t) / std_t).to(clip.dtype)  # (B, 3, side, side)
 
 
-class ClipZeroShotPipeline(CustomComponentsPipeline):
+class ClipZeroShotPipeline(FeaturesZeroShotPipeline):
     """Image and text features of a CLIP model.
 
     Args:
@@ -61,8 +51,8 @@ class ClipZeroShotPipeline(CustomComponentsPipeline):
             ``method=unidiff``), read by :func:`diffdis.eval.api.applicable`; this pipeline itself never generates.
     """
 
-    config_name = INDEX_NAME
     model_cpu_offload_seq = "clip"
+    model_label = "a CLIP model"
 
     def __init__(
         self,
@@ -84,49 +74,9 @@ class ClipZeroShotPipeline(CustomComponentsPipeline):
             image_std=list(image_std or [0.5] * 3), method=method, classifier=classifier, generates=bool(generates),
         )
 
-    @property
-    def resolution(self) -> int:
-        """Image side (pixels) of the data the model was trained on."""
-        return int(self.config.resolution)
-
-    @property
-    def discriminates(self) -> bool:
-        return True
-
-    @property
-    def device(self) -> torch.device:
-        return self.clip.device
-
-    @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Normalised text features (N, d) of ``texts`` (float32)."""
-        texts = list(texts)
-        if not texts:
-            raise ValueError("need at least one text")
-        out = [self.clip.get_text_features(input_ids=tokenize(self.tokenizer, texts[i : i + batch_size], self.device)).pooler_output
-               for i in range(0, len(texts), batch_size)]
-        return F.normalize(torch.cat(out).float(), dim=-1)  # (N, d)
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, generator=None, *unused, **unused_kw) -> torch.Tensor:
-        """Normalised image features (B, d) of pixels (B, 3, R, R) in [-1, 1] (deterministic: ``generator`` and the
-        text-query settings of the DiffDis pipeline do not apply)."""
+    def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         inputs = clip_vision_inputs(self.clip, pixel_values, self.config.image_mean, self.config.image_std)
-        feats = self.clip.get_image_features(pixel_values=inputs).pooler_output
-        return F.normalize(feats.float(), dim=-1)  # (B, d)
+        return self.clip.get_image_features(pixel_values=inputs).pooler_output  # (B, d)
 
-    def diffusion_classifier_logits(self, *args, **kwargs) -> torch.Tensor:
-        raise ZeroShotModelError("a CLIP model has no diffusion classifier")
-
-    def preprocess(self, images: Union[torch.Tensor, Image.Image, Sequence[Image.Image]]) -> torch.Tensor:
-        """PIL images or a (B, 3, R, R) tensor in [-1, 1] -> pixel values in [-1, 1]."""
-        from .zeroshot_pipeline import pil_to_pixels
-
-        return images if isinstance(images, torch.Tensor) else pil_to_pixels(images, self.resolution)
-
-    @torch.no_grad()
-    def __call__(self, images, texts: Sequence[str], generator=None) -> ClipPipelineOutput:
-        """Cosine similarity of every image with every text."""
-        image_embeds = self.encode_images(self.preprocess(images))
-        text_embeds = self.encode_text(texts).to(image_embeds.device)
-        return ClipPipelineOutput(image_embeds @ text_embeds.T, image_embeds, text_embeds)
+    def _text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.clip.get_text_features(input_ids=input_ids).pooler_output  # (N, d)
