@@ -27,7 +27,9 @@ class ContrastiveTowersMethod(Method):
     """
 
     input_space = "pixels"
-    module_name: ClassVar[str] = "model"
+    #: the trained model's attribute, checkpoint folder and pipeline component ("clip", "tower"); not "model"
+    module_name: ClassVar[str]
+    #: the zero-shot pipeline class, built as ``pipeline_class(<module_name>=model, tokenizer=..., resolution=..., method=...)``
     pipeline_class: ClassVar[type]
 
     def __init__(self, model: nn.Module, logit_scale_max: float = 100.0):
