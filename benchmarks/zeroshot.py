@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ HELP = "zero-shot images/s vs class count, fusion mode, diffusion classifier"
 def summary_keys(args) -> Tuple[str, ...]:
     """The keys printed after a run."""
     return (*(f"diffdis_{n}_classes_img_s" for n in args.classes), "class_count_ratio", "one_way_speedup",
-            "diffusion_classifier_img_s", "diffusion_classifier_slowdown")
+            "diffusion_classifier_img_s", "diffusion_classifier_slowdown", "adaptive_dc_img_s", "adaptive_dc_speedup")
 
 
 def add_arguments(z: argparse.ArgumentParser) -> None:
@@ -35,6 +35,10 @@ def add_arguments(z: argparse.ArgumentParser) -> None:
     z.add_argument("--dc-timesteps", type=int, default=100,
                    help="diffusion classifier: timesteps per class, as Li et al. use at least (default: 100)")
     z.add_argument("--dc-images", type=int, default=2, help="diffusion classifier: images timed (default: 2)")
+    z.add_argument("--dc-keep", type=int, default=5,
+                   help="adaptive diffusion classifier: classes kept after the first round (default: 5)")
+    z.add_argument("--dc-first-timesteps", type=int, default=None,
+                   help="adaptive diffusion classifier: timesteps of the first round (default: a fifth of --dc-timesteps)")
 
 
 def _as_fusion(unet, fusion: str):
@@ -60,6 +64,8 @@ def benchmark_zeroshot(
     dc_classes: int = 10,
     dc_timesteps: int = 100,
     dc_images: int = 2,
+    dc_keep: int = 5,
+    dc_first_timesteps: Optional[int] = None,
     repeats: int = 3,
     seed: int = 0,
 ) -> Dict[str, object]:
@@ -69,7 +75,9 @@ def benchmark_zeroshot(
     about 1, the cost is O(steps) per image), ``joint_img_s``, ``one_way_cached_img_s`` and
     ``one_way_speedup`` (same weights, fusion switched), ``diffusion_classifier_img_s`` (``dc_classes``
     classes × ``dc_timesteps`` UNet passes per image, timed once on ``dc_images`` images) and
-    ``diffusion_classifier_slowdown`` (DiffDis at the first class count / diffusion classifier), with what each
+    ``diffusion_classifier_slowdown`` (DiffDis at the first class count / diffusion classifier),
+    ``adaptive_dc_img_s`` (the same classifier keeping ``dc_keep`` classes after ``dc_first_timesteps``, default a
+    fifth of the timesteps) and ``adaptive_dc_speedup`` (its images/s over the exhaustive one's), with what each
     arm ran: ``{arm}_predictions_shape`` of each timed DiffDis call, the fusion and cache of the two fusion arms,
     ``diffusion_classifier_logits_shape`` and ``latent_shape``. Class weights and contexts are random: only their
     sizes matter for speed.
@@ -111,12 +119,21 @@ def benchmark_zeroshot(
     contexts = torch.randn(dc_classes, ctx_len, ctx_dim, generator=g).to(device=device, dtype=unet.dtype)
     few = latents[:dc_images]
 
-    def diffusion_classifier() -> None:
-        seen["diffusion_classifier_logits_shape"] = list(
-            diffusion_classifier_logits(unet, few, contexts, noise_scheduler, dc_timesteps, g).shape)  # (b, K)
+    first_round = dc_first_timesteps or max(1, dc_timesteps // 5)
+    out.update(dc_keep=dc_keep, dc_first_timesteps=first_round)
 
-    seconds = timed(diffusion_classifier, device)
+    def diffusion_classifier(keep: Optional[int] = None) -> Callable[[], None]:
+        def call() -> None:
+            logits = diffusion_classifier_logits(unet, few, contexts, noise_scheduler, dc_timesteps, g, keep=keep,
+                                                 first_timesteps=first_round)
+            seen["adaptive_dc_logits_shape" if keep else "diffusion_classifier_logits_shape"] = list(logits.shape)
+
+        return call
+
+    seconds = timed(diffusion_classifier(), device)
     out["diffusion_classifier_img_s"] = few.shape[0] / seconds
+    out["adaptive_dc_img_s"] = few.shape[0] / timed(diffusion_classifier(dc_keep), device)
+    out["adaptive_dc_speedup"] = out["adaptive_dc_img_s"] / out["diffusion_classifier_img_s"]
     out["diffusion_classifier_slowdown"] = out[first] / out["diffusion_classifier_img_s"]
     out.update(seen)
     return out
@@ -152,9 +169,10 @@ def run(args, device: torch.device, dtype: torch.dtype) -> dict:
     result = benchmark_zeroshot(
         unet, sched_config, empty, latents, steps=args.steps, guidance=args.guidance, class_counts=tuple(args.classes),
         dc_classes=args.classes[0], dc_timesteps=args.dc_timesteps, dc_images=min(args.dc_images, args.batch_size),
+        dc_keep=args.dc_keep, dc_first_timesteps=args.dc_first_timesteps,
         repeats=args.repeats,
     )
     result.update(resolution=resolution, images="embedded test split",
                   reference="diffdis.pipelines.zeroshot.diffusion_classifier_logits (Li et al. 2023): dc_classes x"
-                  " dc_timesteps UNet passes per image on the same UNet and images")
+                  " dc_timesteps UNet passes per image on the same UNet and images; its adaptive form against it")
     return result

@@ -123,9 +123,11 @@ def test_zeroshot_arms_classify_the_same_images(model_dirs, tmp_path):
     assert (result["one_way_cached_fusion"], result["one_way_cached_uses_cache"]) == ("one_way", True)
     # the reference: the diffusion classifier over the first class count
     assert result["diffusion_classifier_logits_shape"] == [1, 10] and result["dc_classes"] == 10
+    assert result["adaptive_dc_logits_shape"] == [1, 10] and (result["dc_keep"], result["dc_first_timesteps"]) == (5, 1)
     assert result["reference"].startswith("diffdis.pipelines.zeroshot.diffusion_classifier_logits")
     _check_positive(result, (*(f"{arm}_img_s" for arm in arms), "class_count_ratio", "one_way_speedup",
-                             "diffusion_classifier_img_s", "diffusion_classifier_slowdown", "wall_s"))
+                             "diffusion_classifier_img_s", "diffusion_classifier_slowdown", "adaptive_dc_img_s",
+                             "adaptive_dc_speedup", "wall_s"))
 
 
 def test_train_reference_is_the_plain_diffusers_step_on_the_same_batch(tmp_path):

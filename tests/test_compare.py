@@ -118,6 +118,16 @@ def test_evaluation_args():
     assert options.sizes.fid_images == 500 and "retrieval" not in options.parts and options.zeroshot.steps == 3
     with pytest.raises(EvaluationError, match="--zs-steps must be >= 1"):
         parse_evaluation_args("--zs-steps 0")
+    options = parse_evaluation_args("--dc-keep 5 --dc-first-timesteps 3")
+    assert (options.zeroshot.dc_keep, options.zeroshot.dc_first_timesteps) == (5, 3)
+    assert parse_evaluation_args("").zeroshot.dc_keep is None  # every class at every timestep unless asked
+    assert parse_evaluation_args("--quick").zeroshot.dc_keep == 5  # --quick: the two-round classifier
+    assert parse_evaluation_args("--preset quick").zeroshot.dc_keep == 5
+    assert parse_evaluation_args("--quick --dc-keep 0").zeroshot.dc_keep is None  # 0: every class
+    with pytest.raises(EvaluationError, match="--dc-keep must be >= 0"):
+        parse_evaluation_args("--dc-keep -1")
+    with pytest.raises(EvaluationError, match="--dc-first-timesteps must be between 1 and --dc-timesteps"):
+        parse_evaluation_args("--dc-timesteps 4 --dc-first-timesteps 5")
 
 
 # ---------------------------------------------------------------------------- aggregation and outputs

@@ -96,8 +96,11 @@ def test_method_models_are_evaluated_on_what_they_train(tmp_path, monkeypatch, t
     small = ["--fid-images", "8", "--adherence-per-combo", "1", "--zeroshot-samples", "4", "--retrieval-samples", "4",
              "--steps", "2", "--zs-steps", "2", "--dc-timesteps", "2", "--batch-size", "16", "--reference-steps", "20",
              "--device", "cpu"]
-    assert evaluate.main([str(out / "model"), "--out", str(tmp_path / "eval")] + small) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    adaptive = ["--dc-keep", "2", "--dc-first-timesteps", "1"]  # the two-round diffusion classifier (gen_only)
+    assert evaluate.main([str(out / "model"), "--out", str(tmp_path / "eval")] + small + adaptive) == 0
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (written["settings"]["dc_keep"], written["settings"]["dc_first_timesteps"]) == (2, 1)
+    metrics = written["metrics"]
     assert "shape/acc1" in metrics
     assert ("fid" in metrics and "adherence/shape" in metrics) == (name == "gen_only")
     assert ("retrieval/image_retrieval_recall@1" in metrics) == (name == "disc_only")

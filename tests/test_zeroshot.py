@@ -245,6 +245,58 @@ def test_diffusion_classifier_picks_the_right_class():
     assert zs.evaluate_zero_shot(logits, torch.tensor([3, 1, 4]))["acc1"] == 1.0
 
 
+
+class _CountingDenoiser(_PromptDenoiser):
+    """:class:`_PromptDenoiser` that counts the (image, class) pairs it scores."""
+
+    def __init__(self, scheduler):
+        super().__init__(scheduler)
+        self.pairs = 0
+
+    def forward(self, x, t, ctx):
+        self.pairs += x.shape[0]
+        return super().forward(x, t, ctx)
+
+
+def _dc_case(k: int = 12, b: int = 6, noise: float = 0.5):
+    g = torch.Generator().manual_seed(1)
+    guesses = torch.randn(k, 1, 4, generator=g)
+    contexts = torch.cat([guesses, torch.zeros(k, 1, 4)], dim=1)  # (K, L=2, d=4)
+    labels = torch.randint(0, k, (b,), generator=g)
+    images = guesses[labels, 0].view(b, 1, 2, 2) + noise * torch.randn(b, 1, 2, 2, generator=g)
+    return contexts, images, labels, DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+
+
+def test_adaptive_diffusion_classifier_scores_kept_classes_exactly_and_costs_less():
+    contexts, images, _, sched = _dc_case()
+    full_unet, fast_unet = _CountingDenoiser(sched), _CountingDenoiser(sched)
+    full = diffusion_classifier_logits(full_unet, images, contexts, sched, num_timesteps=6,
+                                       generator=torch.Generator().manual_seed(0), class_batch_size=5)
+    fast = diffusion_classifier_logits(fast_unet, images, contexts, sched, num_timesteps=6,
+                                       generator=torch.Generator().manual_seed(0), class_batch_size=5, keep=3,
+                                       first_timesteps=2)
+    assert full_unet.pairs == 6 * 12 * 6 and fast_unet.pairs == 6 * (12 * 2 + 3 * 4)
+    kept = fast > -1e3  # (B, K): the three classes per image scored at every timestep
+    assert kept.sum(1).tolist() == [3] * 6
+    torch.testing.assert_close(fast[kept], full[kept])  # same timesteps and noise: the exhaustive logits
+    dropped_best = fast.masked_fill(kept, float("-inf")).max(1).values
+    assert (fast[kept].view(6, 3).min(1).values > dropped_best).all()  # every dropped class ranks below the kept
+
+
+def test_adaptive_diffusion_classifier_keeping_every_class_is_exhaustive():
+    contexts, images, labels, sched = _dc_case(noise=0.01)
+    args = dict(num_timesteps=4, class_batch_size=64)
+    full = diffusion_classifier_logits(_PromptDenoiser(sched), images, contexts, sched,
+                                       generator=torch.Generator().manual_seed(0), **args)
+    same = diffusion_classifier_logits(_PromptDenoiser(sched), images, contexts, sched,
+                                       generator=torch.Generator().manual_seed(0), keep=12, first_timesteps=1, **args)
+    fast = diffusion_classifier_logits(_PromptDenoiser(sched), images, contexts, sched,
+                                       generator=torch.Generator().manual_seed(0), keep=2, first_timesteps=1, **args)
+    torch.testing.assert_close(same, full)
+    assert full.argmax(1).tolist() == labels.tolist() and fast.argmax(1).tolist() == labels.tolist()
+    with pytest.raises(ValueError, match="first_timesteps"):
+        diffusion_classifier_logits(_PromptDenoiser(sched), images, contexts, sched, keep=2, first_timesteps=5, **args)
+
 # ---------------------------------------------------------------------------- diffdis.cli.zeroshot (tools/zeroshot.py)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, text_parts):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 from diffdis.eval.api import (
     METHODS,
     PARTS,
     PRESETS,
     EvaluationError,
+    QUICK_DC_KEEP,
     EvaluationOptions,
     SamplingSettings,
     ZeroShotSettings,
@@ -45,10 +46,18 @@ def add_zero_shot_options(parser: argparse.ArgumentParser, prefix: str = "") -> 
                        " (the built-in task's choice: max for the embedded shape and colour tasks; else mean) (default: auto)")
     group.add_argument("--dc-timesteps", type=int, default=10,
                        help="timesteps per class of the diffusion classifier (default: 10)")
+    group.add_argument("--dc-keep", type=int, default=None,
+                       help="diffusion classifier, adaptive (Li et al. 2023): score every class on --dc-first-timesteps"
+                       " timesteps, then only each image's N best classes on the others; 0: every class at every"
+                       f" timestep (default: 0; {QUICK_DC_KEEP} with --quick)")
+    group.add_argument("--dc-first-timesteps", type=int, default=2,
+                       help="timesteps of the first round with --dc-keep (default: 2)")
 
 
-def zero_shot_settings(args: argparse.Namespace, prefix: str = "", seed: int = 0, batch_size: int = 32) -> ZeroShotSettings:
-    """The :class:`ZeroShotSettings` of options added by :func:`add_zero_shot_options` with the same ``prefix``.
+def zero_shot_settings(args: argparse.Namespace, prefix: str = "", seed: int = 0, batch_size: int = 32,
+                       dc_keep: Optional[int] = None) -> ZeroShotSettings:
+    """The :class:`ZeroShotSettings` of options added by :func:`add_zero_shot_options` with the same ``prefix``;
+    ``dc_keep`` is the diffusion classifier's ``keep`` where ``--dc-keep`` is not given (None: every class).
 
     Raises:
         ValueError: a count below 1.
@@ -60,16 +69,28 @@ def zero_shot_settings(args: argparse.Namespace, prefix: str = "", seed: int = 0
             raise ValueError(f"--{prefix}{name.replace('_', '-')} must be >= 1")
     if args.dc_timesteps < 1:
         raise ValueError("--dc-timesteps must be >= 1")
+    if args.dc_keep is not None and args.dc_keep < 0:
+        raise ValueError("--dc-keep must be >= 0 (0: every class)")
+    if not 1 <= args.dc_first_timesteps <= args.dc_timesteps:
+        raise ValueError(f"--dc-first-timesteps must be between 1 and --dc-timesteps ({args.dc_timesteps})")
     return ZeroShotSettings(method=get("method"), steps=get("steps"), guidance=get("guidance"),
                             noise_samples=get("noise_samples"), scheduler=get("scheduler"), ensemble=args.ensemble,
-                            dc_timesteps=args.dc_timesteps, seed=seed, batch_size=batch_size)
+                            dc_timesteps=args.dc_timesteps, dc_keep=_dc_keep(args.dc_keep, dc_keep),
+                            dc_first_timesteps=args.dc_first_timesteps, seed=seed, batch_size=batch_size)
+
+
+def _dc_keep(given: Optional[int], default: Optional[int]) -> Optional[int]:
+    keep = default if given is None else given
+    return keep or None  # 0: every class
 
 
 # ---------------------------------------------------------------------------- evaluation of a model folder
 def add_evaluation_options(p: argparse.ArgumentParser) -> None:
     """The options of :func:`diffdis.eval.api.evaluate_model` (set sizes, parts, sampling, FID features, zero-shot):
     ``diffdis-evaluate``'s, and the ``--eval-args`` of the ablation and comparison commands."""
-    p.add_argument("--quick", action="store_true", help="smaller sets (same as --preset quick)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smaller sets, and the diffusion classifier keeps {QUICK_DC_KEEP} classes per image after its"
+                   " first round (same as --preset quick)")
     p.add_argument("--preset", default="full", choices=tuple(PRESETS),
                    help="set sizes: full (1000 FID images, 4 per adherence combination, 1000 zero-shot, 500 retrieval,"
                    " 480 per compositional task), quick (500, 2, 600, 200, 240), coco30k (30,000 FID images, Inception;"
@@ -120,10 +141,12 @@ def evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
         EvaluationError: a bad set size or zero-shot count.
     """
     try:
-        sizes = preset_sizes("quick" if args.quick else args.preset, fid_images=args.fid_images,
+        preset = "quick" if args.quick else args.preset
+        sizes = preset_sizes(preset, fid_images=args.fid_images,
                              adherence_per_combo=args.adherence_per_combo, zeroshot_samples=args.zeroshot_samples,
                              retrieval_samples=args.retrieval_samples, compositional_samples=args.compositional_samples)
-        zeroshot = zero_shot_settings(args, "zs-", seed=args.seed, batch_size=args.batch_size)
+        zeroshot = zero_shot_settings(args, "zs-", seed=args.seed, batch_size=args.batch_size,
+                                      dc_keep=QUICK_DC_KEEP if preset == "quick" else None)
     except ValueError as err:  # EvaluationError is a ValueError too
         raise EvaluationError(str(err)) from None
     return EvaluationOptions(

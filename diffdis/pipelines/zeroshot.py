@@ -253,6 +253,8 @@ def diffusion_classifier_logits(
     num_timesteps: int = 10,
     generator=None,
     class_batch_size: int = 64,
+    keep: Optional[int] = None,
+    first_timesteps: int = 2,
 ) -> torch.Tensor:
     """Diffusion classifier (Li et al. 2023): logits = −mean denoising error per class prompt.
 
@@ -260,17 +262,32 @@ def diffusion_classifier_logits(
     class; the error ``‖target − U(z_t, t, c_k)‖²`` is averaged over timesteps. Cost:
     classes × timesteps UNet passes per image.
 
+    With ``keep`` (the paper's adaptive evaluation, in two rounds), every class is first scored on
+    ``first_timesteps`` of the timesteps, the midpoints of as many equal parts of them (the ends of the range,
+    nearly clean and nearly pure noise, tell classes apart least); only each image's ``keep`` best classes
+    are then scored on the others. Cost: K·first + keep·(num_timesteps − first) passes per image. A kept
+    class's logit is exactly its exhaustive logit (same timesteps, same noise); a class dropped after the
+    first round gets its first-round logit minus 1e4, so it ranks below every kept class and in its
+    first-round order among the dropped.
+
     Args:
         unet: the generation UNet (``DualStreamUNet`` or ``UNet2DConditionModel``).
         latents: clean latents (B, C, H, W).
         class_contexts: (K, L, d) context of one prompt per class.
         noise_scheduler: the training noise scheduler (its ``prediction_type`` sets the target).
         generator: one generator or one per image.
+        class_batch_size: (image, class) pairs per UNet call, in multiples of the batch of images.
+        keep: classes kept after the first round (None, or ``keep >= K``: every class at every timestep).
+        first_timesteps: timesteps of the first round (with ``keep``); 1 <= first_timesteps <= num_timesteps.
 
     Returns:
         (B, K) logits (negative errors): the lowest error wins.
     """
     b, k = latents.shape[0], class_contexts.shape[0]
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    if keep is not None and not 1 <= first_timesteps <= num_timesteps:
+        raise ValueError(f"first_timesteps must be in [1, {num_timesteps}], got {first_timesteps}")
     device, dtype = unet.device, unet.dtype
     num_train = noise_scheduler.config.num_train_timesteps
     ts = torch.linspace(0, num_train - 1, num_timesteps + 2)[1:-1].round().long()  # interior, evenly spaced
@@ -280,23 +297,48 @@ def diffusion_classifier_logits(
     else:
         noise = torch.stack([torch.randn(shape, generator=g) for g in generator])  # (B, N, C, H, W)
     latents = latents.to(device=device, dtype=torch.float32)
-    errors = torch.zeros(b, k, device=device)
+    class_contexts = class_contexts.to(device=device, dtype=dtype)
+    all_classes = torch.arange(k, device=device).expand(b, k)  # (B, K)
+    if keep is None or keep >= k or first_timesteps == num_timesteps:
+        errors = _class_errors(unet, latents, noise, ts, range(num_timesteps), all_classes, class_contexts,
+                               noise_scheduler, class_batch_size)
+        return -(errors / num_timesteps)  # (B, K)
+    first = ((torch.arange(first_timesteps) + 0.5) * num_timesteps / first_timesteps).long().tolist()  # mid-range
+    rest = [j for j in range(num_timesteps) if j not in first]
+    first_err = _class_errors(unet, latents, noise, ts, first, all_classes, class_contexts, noise_scheduler,
+                              class_batch_size)  # (B, K)
+    kept = first_err.topk(keep, dim=1, largest=False).indices  # (B, keep)
+    rest_err = _class_errors(unet, latents, noise, ts, rest, kept, class_contexts, noise_scheduler, class_batch_size)
+    logits = -(first_err / len(first)) - 1e4  # dropped classes: first-round logit, below every kept class
+    kept_err = first_err.gather(1, kept) + rest_err  # (B, keep): the sum over all timesteps
+    return logits.scatter(1, kept, -(kept_err / num_timesteps))  # (B, K)
+
+
+def _class_errors(unet, latents, noise, ts, steps, classes, class_contexts, noise_scheduler, class_batch_size):
+    """Summed denoising error (B, n) of each image against its classes ``classes`` (B, n) over the timesteps
+    ``ts[j]`` for j in ``steps``, each with its noise ``noise[:, j]``."""
+    b, n = classes.shape
+    device = latents.device
     pred_type = noise_scheduler.config.prediction_type
-    for j, t in enumerate(ts.tolist()):
+    errors = torch.zeros(b, n, device=device)
+    per_call = max(1, class_batch_size)
+    for j in steps:
+        t = int(ts[j])
         eps = noise[:, j].to(device)  # (B, C, H, W), shared by all classes
         t_b = torch.full((b,), t, dtype=torch.long, device=device)
         noisy = noise_scheduler.add_noise(latents, eps, t_b)
         target = noise_scheduler.get_velocity(latents, eps, t_b) if pred_type == "v_prediction" else eps
         if pred_type == "sample":
             target = latents
-        for c0 in range(0, k, class_batch_size):
-            ctx = class_contexts[c0 : c0 + class_batch_size].to(device=device, dtype=dtype)  # (k', L, d)
-            kk = ctx.shape[0]
-            x = noisy.repeat_interleave(kk, dim=0).to(dtype)  # (B*k', C, H, W), image-major
-            pred = unet(x, t_b.repeat_interleave(kk), ctx.repeat(b, 1, 1)).sample.float()
-            err = (pred - target.repeat_interleave(kk, dim=0)).pow(2).flatten(1).mean(dim=1)  # (B*k',)
-            errors[:, c0 : c0 + kk] += err.view(b, kk)
-    return -(errors / num_timesteps)  # (B, K)
+        for c0 in range(0, n, per_call):
+            cls = classes[:, c0 : c0 + per_call]  # (B, n')
+            nn_ = cls.shape[1]
+            ctx = class_contexts[cls.reshape(-1)]  # (B*n', L, d), image-major
+            x = noisy.repeat_interleave(nn_, dim=0).to(unet.dtype)  # (B*n', C, H, W)
+            pred = unet(x, t_b.repeat_interleave(nn_), ctx).sample.float()
+            err = (pred - target.repeat_interleave(nn_, dim=0)).pow(2).flatten(1).mean(dim=1)  # (B*n',)
+            errors[:, c0 : c0 + nn_] += err.view(b, nn_)
+    return errors
 
 
 def class_contexts(

@@ -179,12 +179,16 @@ class DiffDisZeroShotPipeline(CustomComponentsPipeline):
 
     @torch.no_grad()
     def diffusion_classifier_logits(self, pixel_values: torch.Tensor, prompts: Sequence[str], generator: GeneratorArg = None,
-                                    num_timesteps: int = 10) -> torch.Tensor:
-        """(B, K) logits of the diffusion classifier (Li et al. 2023) over one prompt per class."""
+                                    num_timesteps: int = 10, keep: Optional[int] = None,
+                                    first_timesteps: int = 2) -> torch.Tensor:
+        """(B, K) logits of the diffusion classifier (Li et al. 2023) over one prompt per class; with ``keep``, only
+        each image's ``keep`` best classes after ``first_timesteps`` timesteps are scored on the rest
+        (:func:`~diffdis.pipelines.zeroshot.diffusion_classifier_logits`)."""
         contexts = class_contexts(self.text_encoder, self.tokenizer, list(prompts), "{}", self.unet.device)  # (K, L, d)
         latents = images_to_latents(pixel_values.to(self.unet.device), self.vae)
         noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
-        return diffusion_classifier_logits(self.unet, latents, contexts, noise_scheduler, num_timesteps, generator)
+        return diffusion_classifier_logits(self.unet, latents, contexts, noise_scheduler, num_timesteps, generator,
+                                           keep=keep, first_timesteps=first_timesteps)
 
     def _empty_context(self) -> torch.Tensor:
         """Context (1, L, d) of the empty prompt: the discrimination pass's text condition."""
