@@ -32,7 +32,7 @@ train.eval_every=0 unless you override them: pass train.max_minutes=M to give ev
 output in train.log. A run that fails is reported and the others go on (exit status 1 at the end). Every model is
 then scored by the evaluation API (evaluate_model: zero-shot top-1 per task, retrieval R@1/R@5 both ways, FID and
 prompt adherence where the method generates) with the options of --eval-args (those of diffdis-evaluate; default
---quick), in <run>/eval. A finished run (model and metrics) is reused when the command is repeated; a run folder
+--quick: smaller sets, and gen_only's diffusion classifier in two rounds), in <run>/eval. A finished run (model and metrics) is reused when the command is repeated; a run folder
 trained with other arguments is refused (delete it to redo it).
 
 Outputs in --out: compare.json (every run, mean ± sample std and n per arm and metric, the command, commit and
