@@ -276,7 +276,7 @@ def diffusion_classifier_logits(
         class_contexts: (K, L, d) context of one prompt per class.
         noise_scheduler: the training noise scheduler (its ``prediction_type`` sets the target).
         generator: one generator or one per image.
-        class_batch_size: (image, class) pairs per UNet call, in multiples of the batch of images.
+        class_batch_size: classes per UNet call, each with every image of the batch.
         keep: classes kept after the first round (None, or ``keep >= K``: every class at every timestep).
         first_timesteps: timesteps of the first round (with ``keep``); 1 <= first_timesteps <= num_timesteps.
 
@@ -332,12 +332,12 @@ def _class_errors(unet, latents, noise, ts, steps, classes, class_contexts, nois
             target = latents
         for c0 in range(0, n, per_call):
             cls = classes[:, c0 : c0 + per_call]  # (B, n')
-            nn_ = cls.shape[1]
+            m = cls.shape[1]
             ctx = class_contexts[cls.reshape(-1)]  # (B*n', L, d), image-major
-            x = noisy.repeat_interleave(nn_, dim=0).to(unet.dtype)  # (B*n', C, H, W)
-            pred = unet(x, t_b.repeat_interleave(nn_), ctx).sample.float()
-            err = (pred - target.repeat_interleave(nn_, dim=0)).pow(2).flatten(1).mean(dim=1)  # (B*n',)
-            errors[:, c0 : c0 + nn_] += err.view(b, nn_)
+            x = noisy.repeat_interleave(m, dim=0).to(unet.dtype)  # (B*n', C, H, W)
+            pred = unet(x, t_b.repeat_interleave(m), ctx).sample.float()
+            err = (pred - target.repeat_interleave(m, dim=0)).pow(2).flatten(1).mean(dim=1)  # (B*n',)
+            errors[:, c0 : c0 + m] += err.view(b, m)
     return errors
 
 
