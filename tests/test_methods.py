@@ -99,7 +99,7 @@ def test_method_models_are_evaluated_on_what_they_train(tmp_path, monkeypatch, t
     adaptive = ["--dc-keep", "2", "--dc-first-timesteps", "1"]  # the two-round diffusion classifier (gen_only)
     assert evaluate.main([str(out / "model"), "--out", str(tmp_path / "eval")] + small + adaptive) == 0
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert (written["settings"]["dc_keep"], written["settings"]["dc_first_timesteps"]) == (2, 1)
+    assert (written["settings"]["zeroshot"]["dc_keep"], written["settings"]["zeroshot"]["dc_first_timesteps"]) == (2, 1)
     metrics = written["metrics"]
     assert "shape/acc1" in metrics
     assert ("fid" in metrics and "adherence/shape" in metrics) == (name == "gen_only")

@@ -247,14 +247,16 @@ def test_diffusion_classifier_picks_the_right_class():
 
 
 class _CountingDenoiser(_PromptDenoiser):
-    """:class:`_PromptDenoiser` that counts the (image, class) pairs it scores."""
+    """:class:`_PromptDenoiser` that counts the (image, class) pairs it scores, per timestep."""
 
     def __init__(self, scheduler):
         super().__init__(scheduler)
         self.pairs = 0
+        self.per_t = {}
 
     def forward(self, x, t, ctx):
         self.pairs += x.shape[0]
+        self.per_t[int(t[0])] = self.per_t.get(int(t[0]), 0) + x.shape[0]
         return super().forward(x, t, ctx)
 
 
@@ -276,6 +278,8 @@ def test_adaptive_diffusion_classifier_scores_kept_classes_exactly_and_costs_les
                                        generator=torch.Generator().manual_seed(0), class_batch_size=5, keep=3,
                                        first_timesteps=2)
     assert full_unet.pairs == 6 * 12 * 6 and fast_unet.pairs == 6 * (12 * 2 + 3 * 4)
+    # timesteps 143, 285, ..., 856: the first round is the midpoints of two halves (285, 714), on every class
+    assert fast_unet.per_t == {143: 18, 285: 72, 428: 18, 571: 18, 714: 72, 856: 18}
     kept = fast > -1e3  # (B, K): the three classes per image scored at every timestep
     assert kept.sum(1).tolist() == [3] * 6
     torch.testing.assert_close(fast[kept], full[kept])  # same timesteps and noise: the exhaustive logits

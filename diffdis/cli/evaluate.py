@@ -31,6 +31,7 @@ import argparse
 import shlex
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -107,7 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result["is_main"]:
-        report(result, out, time.perf_counter() - start, settings=vars(args), ablation=args.ablation)
+        settings = {**vars(args), "zeroshot": asdict(options.zeroshot)}  # the options as given, and as resolved
+        report(result, out, time.perf_counter() - start, settings=settings, ablation=args.ablation)
         print("\n".join(report_table(result)))
         print(f"\nreport: {out / 'report.md'}\nmetrics: {out / 'metrics.json'}")
     return 0
