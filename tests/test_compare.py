@@ -128,6 +128,8 @@ def test_evaluation_args():
         parse_evaluation_args("--dc-keep -1")
     with pytest.raises(EvaluationError, match="--dc-first-timesteps must be between 1 and --dc-timesteps"):
         parse_evaluation_args("--dc-timesteps 4 --dc-first-timesteps 5")
+    one = parse_evaluation_args("--quick --dc-timesteps 1").zeroshot  # fewer timesteps than the default first round
+    assert (one.dc_timesteps, one.dc_first_timesteps) == (1, 1)
 
 
 # ---------------------------------------------------------------------------- aggregation and outputs

@@ -50,8 +50,8 @@ def add_zero_shot_options(parser: argparse.ArgumentParser, prefix: str = "") -> 
                        help="diffusion classifier, adaptive (Li et al. 2023): score every class on --dc-first-timesteps"
                        " timesteps, then only each image's N best classes on the others; 0: every class at every"
                        f" timestep (default: 0; {QUICK_DC_KEEP} with --quick)")
-    group.add_argument("--dc-first-timesteps", type=int, default=2,
-                       help="timesteps of the first round with --dc-keep (default: 2)")
+    group.add_argument("--dc-first-timesteps", type=int, default=None,
+                       help="timesteps of the first round with --dc-keep (default: 2, or --dc-timesteps if fewer)")
 
 
 def zero_shot_settings(args: argparse.Namespace, prefix: str = "", seed: int = 0, batch_size: int = 32,
@@ -71,12 +71,13 @@ def zero_shot_settings(args: argparse.Namespace, prefix: str = "", seed: int = 0
         raise ValueError("--dc-timesteps must be >= 1")
     if args.dc_keep is not None and args.dc_keep < 0:
         raise ValueError("--dc-keep must be >= 0 (0: every class)")
-    if not 1 <= args.dc_first_timesteps <= args.dc_timesteps:
+    first = args.dc_first_timesteps if args.dc_first_timesteps is not None else min(2, args.dc_timesteps)
+    if not 1 <= first <= args.dc_timesteps:
         raise ValueError(f"--dc-first-timesteps must be between 1 and --dc-timesteps ({args.dc_timesteps})")
     return ZeroShotSettings(method=get("method"), steps=get("steps"), guidance=get("guidance"),
                             noise_samples=get("noise_samples"), scheduler=get("scheduler"), ensemble=args.ensemble,
                             dc_timesteps=args.dc_timesteps, dc_keep=_dc_keep(args.dc_keep, dc_keep),
-                            dc_first_timesteps=args.dc_first_timesteps, seed=seed, batch_size=batch_size)
+                            dc_first_timesteps=first, seed=seed, batch_size=batch_size)
 
 
 def _dc_keep(given: Optional[int], default: Optional[int]) -> Optional[int]:
