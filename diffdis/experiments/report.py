@@ -91,10 +91,16 @@ def plot(stats: Stats, arms: Sequence[str], path: Path) -> Path:
         ax.set_xticks([j + width * (len(arms) - 1) / 2 for j in range(len(metrics))])
         ax.set_xticklabels([label for _, label in metrics], rotation=30, ha="right", fontsize=7)
         ax.set_title(group, fontsize=9)
-    for ax in list(axes.flat)[len(groups):]:
+    spare = list(axes.flat)[len(groups):]
+    for ax in spare:
         ax.axis("off")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if spare:  # the legend in an empty panel, where it hides no bar
+        spare[0].legend(handles, labels, loc="center", fontsize=9, title="arm")
+        fig.tight_layout()
+    else:  # below the panels
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(arms), 8), fontsize=7)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
