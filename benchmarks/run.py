@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import torch  # noqa: E402
 
 from benchmarks import data, quality, sample, train, zeroshot  # noqa: E402
 from benchmarks.common import DTYPES, CliError, pick_device  # noqa: E402
+from diffdis.utils.host import cpu_model, host_record  # noqa: E402
 
 BENCHMARKS = {"sample": sample, "zeroshot": zeroshot, "train": train, "quality": quality, "data": data}
 
@@ -100,7 +100,8 @@ def main(argv: Optional[list] = None) -> int:
         benchmark=args.command, model=result.get("model") or getattr(args, "model", None) or (f"{args.preset} preset, random weights" if hasattr(args, "preset")
                                                 else "configs/tiny.yaml with the overrides, trained"),
         device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        machine=host_record(device),
         dtype=args.dtype, torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
         batch_size=result.get("train_batch", args.batch_size), repeats=args.repeats, wall_s=time.time() - started,
         command=shlex.join(["python", "benchmarks/run.py", *argv]), commit=git_commit(),

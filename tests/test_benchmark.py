@@ -22,7 +22,7 @@ from diffdis.pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline
 
 # what run.py adds to every result
 COMMON = ("benchmark", "model", "device", "device_name", "dtype", "torch_threads", "torch_version", "batch_size",
-          "repeats", "wall_s", "command", "commit")
+          "repeats", "wall_s", "command", "commit", "machine")
 SAMPLE = ("ours_s", "vanilla_s", "ratio", "ours_runs_s", "vanilla_runs_s", "steps", "num_prompts", "resolution",
           "image_size", "guidance", "scheduler", "vae", "unet_generation_params", "xformers", "reference",
           "ours_pipeline", "vanilla_pipeline", "ours_output_shape", "vanilla_output_shape", "ours_unet_calls",

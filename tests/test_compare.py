@@ -163,6 +163,7 @@ def test_table_and_json_layout(tmp_path):
     runs = fabricated_runs()
     arms = ["diffdis", "gen_only"]
     result = {"command": "diffdis-compare --seeds 0 1", "commit": "abc", "runs": runs, "failed": 1, "minutes": 0.1,
+              "machine": {"cpu": "Some CPU", "cpu_capability": "AVX2", "usable_cpus": 2, "torch": "2.13.0"},
               "aggregate": aggregate(runs, arms),
               "settings": {"seeds": [0, 1], "overrides": ["train.max_steps=4"],
                            "arms": [{"name": a, "overrides": [f"method={a}"], "folder": a} for a in arms]}}
@@ -173,8 +174,10 @@ def test_table_and_json_layout(tmp_path):
     assert lines[3] == "| gen_only | 0.300 ± 0.000 (1) | — | 12.00 ± 0.00 (1) | 2.00 ± 0.00 (1) | 10.0 ± 0.0 (1) |"
     md = (tmp_path / "compare.md").read_text()
     assert "\n".join(lines) in md and "gen_only, seed 1: boom" in md and "Commit: `abc`" in md
+    assert "Machine: Some CPU (AVX2), 2 CPUs, torch 2.13.0" in md
     saved = json.loads((tmp_path / "compare.json").read_text())
-    assert {"command", "commit", "settings", "runs", "aggregate", "columns", "table_md", "failed"} <= set(saved)
+    assert {"command", "commit", "machine", "settings", "runs", "aggregate", "columns", "table_md",
+            "failed"} <= set(saved)
     assert saved["aggregate"]["diffdis"]["shape/acc1"]["n"] == 2 and len(saved["runs"]) == 4
     assert [c["metric"] for c in saved["columns"]] == ["shape/acc1", "retrieval/image_retrieval_recall@1", "fid",
                                                        "trainable_parameters", "ms_per_step"]
@@ -323,6 +326,7 @@ def test_two_arms_two_seeds_end_to_end(tmp_path, tiny_overrides):
             "--eval-args", SMALL_EVAL + " --skip fid", *overrides]
     assert cli.main(argv) == 0
     result = json.loads((out / "compare.json").read_text())
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     rows = {line.split(" | ")[0][2:]: line for line in result["table_md"][2:]}
     assert set(rows) == {"diffdis", "lam0"}
     for line in rows.values():  # every cell over both seeds, or "—" where the arm's model is not scored on it

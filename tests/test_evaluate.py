@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from diffdis.cli import evaluate
 
@@ -42,6 +43,7 @@ def test_evaluate_writes_report(model_dir, tmp_path):
                 "colour_shape/acc1", "retrieval/image_retrieval_recall@1", "retrieval/text_retrieval_recall@5"):
         assert 0.0 <= m[key] <= 1.0, key
     assert metrics["adherence"]["adherence/num_images"] == 36.0
+    assert metrics["machine"]["torch"] == torch.__version__ and metrics["machine"]["cpu"]
     report = (out / "report.md").read_text()
     assert "| prompt adherence: shape |" in report and "| zero-shot colour: top-1 |" in report
     assert "chance 0.167" in report and "FID (reference-r16" in report

@@ -46,6 +46,7 @@ from .tasks import (
 from ..pipelines.prior_pipeline import check_not_prior
 from ..pipelines.zeroshot import ZeroShotModelError
 from ..pipelines.zeroshot_pipeline import DiffDisZeroShotPipeline, load_zero_shot_pipeline, read_zero_shot_index
+from ..utils.host import host_record
 
 __all__ = [
     "ADHERENCE_SCORES",
@@ -471,7 +472,8 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
 
     Returns:
         What :func:`report` writes: ``metrics`` (flat), ``fid``, ``adherence``, ``zeroshot`` (``{task:
-        result}``), ``grid``, ``timings_s``, ``sizes``, ``model``, ``options``, ``is_main`` and ``num_processes``.
+        result}``), ``grid``, ``timings_s``, ``sizes``, ``model``, ``options``, ``is_main``, ``num_processes`` and
+        ``machine`` (:func:`~diffdis.utils.host.host_record`).
 
     Raises:
         EvaluationError: a folder that is not a model, a bad reference set or Inception weights file.
@@ -510,4 +512,5 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
     out["options"] = options
     out["is_main"] = accelerator.is_main_process if accelerator is not None else True
     out["num_processes"] = accelerator.num_processes if accelerator is not None else 1
+    out["machine"] = host_record(torch.device(device))
     return out

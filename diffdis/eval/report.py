@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
+from ..utils.host import describe_host
 from . import zeroshot as zs
 
 PathLike = Union[str, Path]
@@ -107,7 +108,8 @@ def _header(result: Mapping[str, Any], seconds: float) -> List[str]:
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return [f"# Evaluation report: `{result['model']}`", "",
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min, {result['num_processes']}"
-            f" process(es), device {device}.",
+            f" process(es), device {device}"
+            + (f" ({describe_host(result['machine'])})." if result.get("machine") else "."),
             f"Sampling: {sampling.scheduler}, {sampling.steps} steps, guidance {sampling.guidance}, seed {sampling.seed}."
             f" Zero-shot: K={zero_shot.steps} text-query steps, w={zero_shot.guidance}. Set sizes: {result['sizes']}.", ""]
 
@@ -158,6 +160,7 @@ def report(
         lines += ablation_section(ablation) + [""]
     metrics = {"metrics": result["metrics"], "fid": result["fid"], "adherence": result["adherence"],
                "sizes": result["sizes"], "timings_s": result["timings_s"], "model": result["model"],
+               "machine": result.get("machine"),
                "settings": dict(settings) if settings is not None else asdict(result["options"])}
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
     (tmp / "report.md").write_text("\n".join(lines) + "\n")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..eval.api import EvaluationOptions, evaluate_model, preset_sizes, report
+from ..utils.host import host_record
 from .arms import RUN_REF, Arm, CompareError, resolve_runs
 
 COST_KEYS = ("trainable_parameters", "total_parameters", "ms_per_step", "peak_rss_mb", "peak_cuda_memory_mb",
@@ -304,7 +305,8 @@ def run_comparison(settings: CompareSettings, out: Path, command: str = "", log:
         log: where progress lines go.
 
     Returns:
-        The content of ``compare.json``: ``command``, ``commit``, ``settings``, ``runs`` (one record per run:
+        The content of ``compare.json``: ``command``, ``commit``, ``machine`` (where it ran: CPU, torch's CPU
+        kernel level, usable CPUs; step times and last digits depend on it), ``settings``, ``runs`` (one record per run:
         ``arm``, ``seed``, ``status``, ``error``, ``metrics``, ``cost``, ``steps``), ``aggregate`` (``{arm: {metric:
         {mean, std, n}}}``), ``columns`` and ``table_md`` (the table of ``compare.md``), ``failed`` and ``minutes``.
 
@@ -316,7 +318,8 @@ def run_comparison(settings: CompareSettings, out: Path, command: str = "", log:
     start = time.perf_counter()
     runs = run_all(settings, Path(out), log)
     names = [a.name for a in settings.arms]
-    result = {"command": command, "commit": git_commit(), "settings": settings_record(settings), "runs": runs,
+    result = {"command": command, "commit": git_commit(), "machine": host_record(),
+              "settings": settings_record(settings), "runs": runs,
               "aggregate": aggregate(runs, names), "failed": sum(r["status"] != "ok" for r in runs),
               "minutes": (time.perf_counter() - start) / 60}
     write_outputs(result, Path(out), names)

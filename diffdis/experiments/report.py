@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
+from ..utils.host import describe_host
+
 Stats = Mapping[str, Mapping[str, Mapping[str, float]]]  # {arm: {metric: {mean, std, n}}}
 
 RETRIEVAL = (("retrieval/image_retrieval_recall@1", "text→image R@1"), ("retrieval/image_retrieval_recall@5", "text→image R@5"),
@@ -63,7 +65,10 @@ def markdown(result: Mapping[str, Any], arms: Sequence[str]) -> List[str]:
     failed = [r for r in result["runs"] if r["status"] != "ok"]
     if failed:
         lines += ["Failed runs:", ""] + [f"- {r['arm']}, seed {r['seed']}: {r['error']}" for r in failed] + [""]
-    lines += [f"Command: `{result['command']}`", f"Commit: `{result['commit'] or 'unknown'}`", "", "![comparison](compare.png)"]
+    lines += [f"Command: `{result['command']}`", f"Commit: `{result['commit'] or 'unknown'}`"]
+    if result.get("machine"):  # compare.json files written before it was recorded have none
+        lines.append(f"Machine: {describe_host(result['machine'])}")
+    lines += ["", "![comparison](compare.png)"]
     return lines
 
 
