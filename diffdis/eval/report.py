@@ -111,7 +111,12 @@ def _header(result: Mapping[str, Any], seconds: float) -> List[str]:
             f" process(es), device {device}"
             + (f" ({describe_host(result['machine'])})." if result.get("machine") else "."),
             f"Sampling: {sampling.scheduler}, {sampling.steps} steps, guidance {sampling.guidance}, seed {sampling.seed}."
-            f" Zero-shot: K={zero_shot.steps} text-query steps, w={zero_shot.guidance}. Set sizes: {result['sizes']}.", ""]
+            f" Zero-shot: K={_or_saved(zero_shot.steps)} (text-query steps), w={_or_saved(zero_shot.guidance)}."
+            f" Set sizes: {result['sizes']}.", ""]
+
+
+def _or_saved(value: Any) -> str:
+    return "as saved with the model" if value is None else str(value)
 
 
 def report(
