@@ -91,7 +91,7 @@ def main(argv: Optional[list] = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         device, dtype = pick_device(args.device), DTYPES[args.dtype]
-        started = time.time()
+        started, commit = time.time(), git_commit()  # the commit before the run: the checkout may move meanwhile
         result = module.run(args, device, dtype)
     except (CliError, ValueError, OSError) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
@@ -104,7 +104,7 @@ def main(argv: Optional[list] = None) -> int:
         machine=host_record(device),
         dtype=args.dtype, torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
         batch_size=result.get("train_batch", args.batch_size), repeats=args.repeats, wall_s=time.time() - started,
-        command=shlex.join(["python", "benchmarks/run.py", *argv]), commit=git_commit(),
+        command=shlex.join(["python", "benchmarks/run.py", *argv]), commit=commit,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

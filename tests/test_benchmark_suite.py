@@ -6,6 +6,7 @@ import json
 
 import datasets
 import pytest
+import torch
 from PIL import Image
 
 from diffdis.cli import evaluate
@@ -59,6 +60,7 @@ def test_suite_writes_one_clip_benchmark_table(suite_dir, tmp_path):
     assert evaluate.main(argv) == 0
     result = json.loads((out / "benchmark.json").read_text())
     assert result["model"] == str(model) and result["settings"]["steps"] == 1 and "--suite" in result["command"]
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     cifar, colours, coco = result["records"]
     for record in (cifar, colours, coco):
         assert set(record) >= {"dataset", "model", "pretrained", "task", "metrics", "language"}

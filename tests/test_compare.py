@@ -211,6 +211,25 @@ def finished_run(settings, out, arm, seed, acc):
     return folder
 
 
+def test_the_commit_and_machine_are_those_the_runs_started_with(tmp_path, monkeypatch):
+    arms = [Arm("done")]
+    settings = CompareSettings(arms=arms, train_command=FAIL, seeds=[0], overrides=["train.max_steps=4"])
+    finished_run(settings, tmp_path, arms[0], 0, 0.75)
+    trained, run_all = [], lib.run_all
+
+    def run_all_then_commit(*args, **kwargs):  # the checkout moves on while the runs train
+        records = run_all(*args, **kwargs)
+        trained.append(True)
+        return records
+
+    monkeypatch.setattr(lib, "run_all", run_all_then_commit)
+    monkeypatch.setattr(lib, "git_commit", lambda: "b" * 40 if trained else "a" * 40)
+    result = lib.run_comparison(settings, tmp_path, command="diffdis-compare", log=lambda line: None)
+    assert result["commit"] == "a" * 40 and json.loads((tmp_path / "compare.json").read_text())["commit"] == "a" * 40
+    assert result["machine"]["torch"] == torch.__version__
+    assert "Machine: " in (tmp_path / "compare.md").read_text()
+
+
 def test_finished_runs_are_reused_and_a_failure_does_not_stop_the_others(tmp_path):
     arms = [Arm("done"), Arm("broken")]
     settings = CompareSettings(arms=arms, train_command=FAIL, seeds=[0], overrides=["train.max_steps=4"])

@@ -76,9 +76,10 @@ def run_suite_command(args: argparse.Namespace, out: Path, accelerator, command:
     options = evaluation_options(args)
     model = load_zero_shot_pipeline(args.model_dir, options.device or accelerator.device)
     settings = resolved_settings(options.zeroshot, model)
+    provenance = suite_provenance(args.model_dir, suite, settings, command, accelerator.num_processes,
+                                  options.device or accelerator.device)  # before the run: the checkout may move
     records = run_suite(model, suite, settings, accelerator, args.progress, model_name=str(args.model_dir))
     if accelerator.is_main_process:
-        provenance = suite_provenance(args.model_dir, suite, settings, command, accelerator.num_processes)
         path = write_suite_results(out, records, provenance)
         print("\n".join(suite_table(records)))
         print(f"\ntable: {out / 'benchmark.md'}\nrecords: {path}")

@@ -29,6 +29,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+import torch
+
+from ..utils.host import host_record
 from .api import (
     EvaluationError,
     ZeroShotSettings,
@@ -220,9 +223,11 @@ def write_suite_results(out: PathLike, records: Sequence[Mapping[str, Any]], pro
 
 
 def suite_provenance(model_dir: PathLike, suite: Suite, settings: ZeroShotSettings, command: str = "",
-                     num_processes: int = 1) -> Dict[str, Any]:
-    """What produced a suite's results: model, suite file, zero-shot settings as run, command, commit, processes."""
+                     num_processes: int = 1, device=None) -> Dict[str, Any]:
+    """What produced a suite's results: model, suite file, zero-shot settings as run, command, commit, processes
+    and the machine (:func:`~diffdis.utils.host.host_record` of ``device``)."""
     from ..experiments.compare import git_commit
 
     return {"model": str(model_dir), "suite": suite.path, "settings": asdict(settings), "command": command,
-            "commit": git_commit(), "num_processes": num_processes}
+            "commit": git_commit(), "num_processes": num_processes,
+            "machine": host_record(torch.device(device) if device is not None else None)}

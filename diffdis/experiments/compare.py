@@ -316,9 +316,10 @@ def run_comparison(settings: CompareSettings, out: Path, command: str = "", log:
     from .report import write_outputs
 
     start = time.perf_counter()
+    commit = git_commit()  # before the runs: the checkout may move while they train
     runs = run_all(settings, Path(out), log)
     names = [a.name for a in settings.arms]
-    result = {"command": command, "commit": git_commit(), "machine": host_record(),
+    result = {"command": command, "commit": commit, "machine": host_record(),
               "settings": settings_record(settings), "runs": runs,
               "aggregate": aggregate(runs, names), "failed": sum(r["status"] != "ok" for r in runs),
               "minutes": (time.perf_counter() - start) / 60}
