@@ -512,5 +512,5 @@ def evaluate_model(model_dir: Union[str, Path], options: Optional[EvaluationOpti
     out["options"] = options
     out["is_main"] = accelerator.is_main_process if accelerator is not None else True
     out["num_processes"] = accelerator.num_processes if accelerator is not None else 1
-    out["machine"] = host_record(torch.device(device))
+    out["machine"] = host_record(device)
     return out

@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-import torch
-
 from ..utils.host import host_record
 from .api import (
     EvaluationError,
@@ -230,4 +228,4 @@ def suite_provenance(model_dir: PathLike, suite: Suite, settings: ZeroShotSettin
 
     return {"model": str(model_dir), "suite": suite.path, "settings": asdict(settings), "command": command,
             "commit": git_commit(), "num_processes": num_processes,
-            "machine": host_record(torch.device(device) if device is not None else None)}
+            "machine": host_record(device)}

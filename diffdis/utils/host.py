@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -35,12 +35,12 @@ def _usable_cpus() -> Optional[int]:
         return os.cpu_count()
 
 
-def host_record(device: Optional[torch.device] = None) -> Dict[str, Any]:
+def host_record(device: Union[torch.device, str, None] = None) -> Dict[str, Any]:
     """The machine as JSON: CPU model, torch's CPU kernel level, usable CPUs, torch's version, and the CUDA
     device's name where ``device`` is one.
 
     Args:
-        device: the device the result was computed on (None or CPU: no GPU entry).
+        device: the device the result was computed on, a ``torch.device`` or its name (None or CPU: no GPU entry).
     """
     record: Dict[str, Any] = {
         "cpu": cpu_model(),
