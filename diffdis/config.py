@@ -76,7 +76,7 @@ class RlegConfig:
 
     generator: Optional[str] = None  # a trained diffdis model folder: its discrimination stream generates a text embedding per image (frozen); without a prior, its text tower and tokenizer start the CLIP text tower
     weight: float = 0.5  # weight of the contrastive term between images and their generated text embeddings
-    steps: Optional[int] = 1  # K of the generation (None: the generator's saved value); 1 against the saved 10: the same figures over 3 seeds at 3-4x the steps/s (docs/EXPERIMENTS.md §8)
+    steps: Optional[int] = 1  # K of the generation (None: the generator's saved value); 1 against the saved 10: over 3 seeds every figure within 0.021 of K = 10 but relation and one size figure, at 3-4x the steps/s (docs/EXPERIMENTS.md §8)
     prior: Optional[str] = None  # a trained prior folder (method=prior): it generates an image embedding per caption (frozen); its CLIP model starts the trained one (both towers and the tokenizer; model.clip is then unused)
     prior_weight: float = 0.5  # weight of the contrastive term between generated image embeddings and caption features
     prior_steps: Optional[int] = None  # K of the prior's sampler (None: the prior's saved value)

@@ -71,6 +71,24 @@ def test_generated_embeddings_are_extra_positives(generator_dir):
     assert not any(n.startswith("generator") for n, _ in method.named_parameters())  # neither trained nor checkpointed
 
 
+def test_generation_steps_default_to_one_and_null_reads_the_generator(generator_dir, monkeypatch):
+    """model.rleg.steps: 1 by default, whatever K the generator was saved with (2 here); null takes the saved K."""
+    pixels, _ = _batch(_components().tokenizer)
+    for extra, expected in (((), 1), (["model.rleg.steps=null"], None), (["model.rleg.steps=3"], 3)):
+        method, _ = _rleg(generator_dir, extra)
+        seen = []
+        original = method.generator.encode_images
+        monkeypatch.setattr(method.generator, "encode_images",
+                            lambda *a, **k: seen.append(k["num_inference_steps"]) or original(*a, **k))
+        method.generated(pixels, torch.Generator().manual_seed(5))
+        assert seen == [expected], extra
+    saved, _ = _rleg(generator_dir, ["model.rleg.steps=null"])
+    one, _ = _rleg(generator_dir)
+    a = saved.generated(pixels, torch.Generator().manual_seed(5))  # the saved K = 2
+    b = one.generated(pixels, torch.Generator().manual_seed(5))
+    assert not torch.allclose(a, b), "K = 1 and the generator's saved K = 2 give the same embeddings"
+
+
 def test_weight_zero_is_the_clip_loss(generator_dir):
     method, components = _rleg(generator_dir, ["model.rleg.weight=0"])
     pixels, ids = _batch(components.tokenizer)
