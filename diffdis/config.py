@@ -163,6 +163,9 @@ class LossConfig:
     timestep_sampling: str = "uniform"  # image-stream t: "uniform" or "logit_normal" (t/T = sigmoid(N(timestep_mean, timestep_std)), SD3)
     timestep_mean: float = 0.0  # logit_normal only: > 0 trains noisier timesteps more often
     timestep_std: float = 1.0  # logit_normal only
+    text_timestep_sampling: str = "uniform"  # L_ITA's text-query t, as timestep_sampling; zero-shot at K = 1 reads t = T - 1 only
+    text_timestep_mean: float = 0.0  # logit_normal only: > 0 trains noisier queries more often
+    text_timestep_std: float = 1.0  # logit_normal only
     ita_fraction: float = 1.0  # share of each batch that also takes the discrimination pass (its cost is ~35% of a step)
     ig_fraction: float = 1.0  # share of each batch that takes the generation pass (the discrimination pass sees its own share)
     ita_every: int = 1  # the discrimination pass runs on every k-th step only (whole batch); the others train L_IG alone
@@ -303,6 +306,7 @@ _CHOICES = {
     "model.text_prediction_type": ("sample", "epsilon"),
     "noise.prediction_type": ("epsilon", "v_prediction"),
     "loss.timestep_sampling": ("uniform", "logit_normal"),
+    "loss.text_timestep_sampling": ("uniform", "logit_normal"),
     "model.unet.addition_embed_type": (None, "text"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "wandb", "all", "none"),
@@ -357,8 +361,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.patch_size={p} must be at least 1 and divide data.resolution={cfg.data.resolution}")
     if p > 1 and (cfg.model.pretrained or cfg.model.use_vae):
         raise ConfigError("model.patch_size > 1 is for tiny pixel-space models; pretrained models use their VAE")
-    if cfg.loss.timestep_std <= 0:
-        raise ConfigError(f"loss.timestep_std={cfg.loss.timestep_std} must be > 0")
+    for key in ("timestep_std", "text_timestep_std"):
+        if getattr(cfg.loss, key) <= 0:
+            raise ConfigError(f"loss.{key}={getattr(cfg.loss, key)} must be > 0")
     u = cfg.model.unet
     if u.addition_embed_type and cfg.model.text_encoder.hidden_size % u.addition_embed_type_num_heads:
         raise ConfigError(

@@ -34,6 +34,19 @@ def test_logit_normal_timesteps_follow_their_mean():
     assert torch.equal(noisy, same)
 
 
+def test_text_query_timesteps_have_their_own_options():
+    g = torch.Generator().manual_seed(0)
+    image_side = LossConfig(timestep_sampling="logit_normal", timestep_mean=3.0)
+    # the image stream's options leave the text query's uniform draw as it was
+    assert torch.equal(sample_timesteps(64, 1000, g.manual_seed(0), "cpu", image_side, stream="text"),
+                       sample_timesteps(64, 1000, g.manual_seed(0), "cpu", LossConfig()))
+    noisy = LossConfig(text_timestep_sampling="logit_normal", text_timestep_mean=3.0, text_timestep_std=0.5)
+    t = sample_timesteps(20000, 1000, g.manual_seed(0), "cpu", noisy, stream="text")
+    assert abs(t.float().median().item() - 952) < 5  # sigmoid(3) = 0.9526
+    assert int(t.max()) <= 999 and int(t.min()) > 600
+    assert sample_timesteps(20000, 1000, g.manual_seed(0), "cpu", noisy).float().mean() < 550  # image t stays uniform
+
+
 def _module(**options):
     tok = tiny_tokenizer()
     text = tiny_text_encoder(tok, with_projection=True)
@@ -112,6 +125,8 @@ def test_ita_every_skips_the_discrimination_pass_between_its_steps():
         ("loss.ig_fraction=0", "ig_fraction"),
         ("loss.timestep_sampling=normal", "timestep_sampling"),
         ("loss.timestep_std=0", "timestep_std"),
+        ("loss.text_timestep_sampling=max", "text_timestep_sampling"),
+        ("loss.text_timestep_std=-1", "text_timestep_std"),
         ("model.unet.addition_embed_type=text model.unet.addition_embed_type_num_heads=48", "must divide"),
         ("model.unet.addition_embed_type=image", "addition_embed_type"),
     ],

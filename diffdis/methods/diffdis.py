@@ -35,11 +35,15 @@ def _share(n: int, fraction: float) -> int:
     return min(n, max(2, round(n * fraction)))
 
 
-def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, options: LossConfig) -> torch.Tensor:
-    """Image-stream timesteps (n,): uniform, or logit-normal in t/T (SD3's density; mean > 0 favours noise)."""
-    if options.timestep_sampling == "uniform":
+def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, options: LossConfig,
+                     stream: str = "image") -> torch.Tensor:
+    """Timesteps (n,) of the image stream (``loss.timestep_*``) or of the text query (``loss.text_timestep_*``):
+    uniform, or logit-normal in t/T (SD3's density; mean > 0 favours noise)."""
+    prefix = "" if stream == "image" else "text_"
+    if getattr(options, prefix + "timestep_sampling") == "uniform":
         return _randint(num_t, n, generator, device)
-    z = torch.randn((n,), generator=generator, device=generator.device) * options.timestep_std + options.timestep_mean
+    mean, std = getattr(options, prefix + "timestep_mean"), getattr(options, prefix + "timestep_std")
+    z = torch.randn((n,), generator=generator, device=generator.device) * std + mean
     return (torch.sigmoid(z) * num_t).long().clamp(max=num_t - 1).to(device)
 
 
@@ -141,7 +145,7 @@ class DiffDisMethod(Method):
         num_t = self.noise_scheduler.config.num_train_timesteps
         b = _share(latents.shape[0], opt.ita_fraction)
         latents, query = latents[:b], query[:b]
-        t_e = _randint(num_t, b, generator, latents.device)
+        t_e = sample_timesteps(b, num_t, generator, latents.device, opt, stream="text")
         e_t = text_forward(query.detach(), _randn(query.shape, generator, query), t_e, self.alphas_cumprod, opt.text_scale)
         uncond = _rand((b,), generator, latents) < opt.p_uncond  # image-condition dropout
         image = torch.where(uncond[:, None, None, None], _randn(latents.shape, generator, latents), latents)
