@@ -221,7 +221,7 @@ class ZeroShotConfig:
     """Zero-shot inference defaults, saved into the model's zero-shot pipeline (``zeroshot_index.json``) and used by
     evaluation during training; tools/zeroshot.py and tools/evaluate.py can override them per run."""
 
-    steps: int = 10  # K: denoising steps of the image-side text query
+    steps: int = 10  # K: denoising steps of the image-side text query; K = 1 is 10x cheaper, classification equal, image->text R@1 lower on every seed (docs/EXPERIMENTS.md §17)
     guidance: float = 0.0  # w: (1+w)Φ(e,t,z) − wΦ(e,t,∅) on the image condition; 0 skips the unconditional pass; w != 0 needs loss.p_uncond > 0
     noise_samples: int = 1  # noise draws averaged per image
     scheduler: str = "ddim"  # text-query sampler: "ddim" or "dpm++"
