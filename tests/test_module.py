@@ -36,10 +36,13 @@ def test_logit_normal_timesteps_follow_their_mean():
 
 def test_text_query_timesteps_have_their_own_options():
     g = torch.Generator().manual_seed(0)
-    image_side = LossConfig(timestep_sampling="logit_normal", timestep_mean=3.0)
+    image_side = LossConfig(timestep_sampling="logit_normal", timestep_mean=3.0, text_timestep_sampling="uniform")
     # the image stream's options leave the text query's uniform draw as it was
     assert torch.equal(sample_timesteps(64, 1000, g.manual_seed(0), "cpu", image_side, stream="text"),
                        sample_timesteps(64, 1000, g.manual_seed(0), "cpu", LossConfig()))
+    # the default draws the query's t logit-normal with mean -1: median sigmoid(-1) = 0.269
+    default = sample_timesteps(20000, 1000, g.manual_seed(0), "cpu", LossConfig(), stream="text")
+    assert abs(default.float().median().item() - 269) < 10
     noisy = LossConfig(text_timestep_sampling="logit_normal", text_timestep_mean=3.0, text_timestep_std=0.5)
     t = sample_timesteps(20000, 1000, g.manual_seed(0), "cpu", noisy, stream="text")
     assert abs(t.float().median().item() - 952) < 5  # sigmoid(3) = 0.9526

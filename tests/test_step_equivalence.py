@@ -49,7 +49,9 @@ def _method(fusion: str, ig_fraction: float):
     with torch.no_grad():  # zero-initialised outputs would hide a wrong text stream
         for p in list(unet.parameters()) + list(text.parameters()):
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    cfg = load_config(None, ["method=diffdis", f"model.fusion={fusion}", f"loss.ig_fraction={ig_fraction}"])
+    # the record predates the logit-normal default of the query's timesteps: the uniform draw it was made with
+    cfg = load_config(None, ["method=diffdis", f"model.fusion={fusion}", f"loss.ig_fraction={ig_fraction}",
+                             "loss.text_timestep_sampling=uniform"])
     return methods.build(cfg, Components(tok, text, unet, DDPMScheduler(num_train_timesteps=1000))), tok, cfg
 
 
