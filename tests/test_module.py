@@ -48,6 +48,8 @@ def test_text_query_timesteps_have_their_own_options():
     assert abs(t.float().median().item() - 952) < 5  # sigmoid(3) = 0.9526
     assert int(t.max()) <= 999 and int(t.min()) > 600
     assert sample_timesteps(20000, 1000, g.manual_seed(0), "cpu", noisy).float().mean() < 550  # image t stays uniform
+    with pytest.raises(ValueError, match="stream"):
+        sample_timesteps(4, 1000, g, "cpu", noisy, stream="query")
 
 
 def _module(**options):

@@ -39,6 +39,8 @@ def sample_timesteps(n: int, num_t: int, generator: torch.Generator, device, opt
                      stream: str = "image") -> torch.Tensor:
     """Timesteps (n,) of the image stream (``loss.timestep_*``) or of the text query (``loss.text_timestep_*``):
     uniform, or logit-normal in t/T (SD3's density; mean > 0 favours noise)."""
+    if stream not in ("image", "text"):
+        raise ValueError(f"stream must be 'image' or 'text', got {stream!r}")
     prefix = "" if stream == "image" else "text_"
     if getattr(options, prefix + "timestep_sampling") == "uniform":
         return _randint(num_t, n, generator, device)
