@@ -9,6 +9,7 @@
     python benchmarks/run.py train model.patch_size=1 ... # any training-config override
     python benchmarks/run.py quality --eval-every 200    # time to the demo's targets: joint vs gen_only + clip
     python benchmarks/run.py data                         # the trainer's loader: images kept in memory vs decoded
+    python benchmarks/run.py methods data.name=compositional  # every method's step: FLOPs and time, ratios to clip
 
 ``sample`` (benchmarks/sample.py) times DiffDisPipeline against a vanilla diffusers ``StableDiffusionPipeline``
 holding the same weights. ``zeroshot`` (benchmarks/zeroshot.py) gives images/s of DiffDis zero-shot classification
@@ -18,7 +19,8 @@ generation-only step of diffusers' ``train_text_to_image.py``; the ratio is what
 ``quality`` (benchmarks/quality.py) trains the joint model, and gen_only and clip separately, each until its targets
 (prompt adherence, zero-shot accuracy) are met; the ratio is the joint model's training time over the two others'.
 ``data`` (benchmarks/data.py) times the trainer's loader with decoded images kept in memory against decoding them
-every epoch.
+every epoch. ``methods`` (benchmarks/methods.py) counts and times one training step of every method on the same
+batch, as ratios to clip's.
 
 Without ``--model`` the components are built from the preset with random weights: speed does not depend on the
 weights. Timings are medians of ``--repeats`` rounds after a warm-up. The JSON also records what each arm ran
@@ -44,11 +46,12 @@ if __package__ in (None, ""):  # run as a script: import the benchmarks as a pac
 
 import torch  # noqa: E402
 
-from benchmarks import data, quality, sample, train, zeroshot  # noqa: E402
+from benchmarks import data, methods, quality, sample, train, zeroshot  # noqa: E402
 from benchmarks.common import DTYPES, CliError, pick_device  # noqa: E402
 from diffdis.utils.host import cpu_model, host_record  # noqa: E402
 
-BENCHMARKS = {"sample": sample, "zeroshot": zeroshot, "train": train, "quality": quality, "data": data}
+BENCHMARKS = {"sample": sample, "zeroshot": zeroshot, "train": train, "quality": quality, "data": data,
+              "methods": methods}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -322,3 +322,25 @@ def test_data_keeps_every_image_and_times_both_loaders(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "nothing would be kept" in err and "\n" not in err
     assert not (tmp_path / "none.json").exists()
+
+
+@pytest.mark.slow
+def test_methods_counts_and_times_every_method_on_one_batch(tmp_path, capsys):
+    """Each method's step is counted and timed; diffdis's step is its generation pass plus its discrimination pass
+    (more FLOPs than either method that runs only one of them, less than both together: one text encoder)."""
+    out = tmp_path / "methods.json"
+    names = ["clip", "disc_only", "gen_only", "diffdis"]
+    result = _run(["methods", "--methods", *names, "--steps", "1", "--repeats", "1", "--device", "cpu",
+                   "train.batch_size=8", *SMALL_UNET], out)
+    _check_fields(result, [f"{n}_{k}" for n in names for k in ("gflop", "ms", "flop_ratio", "time_ratio")])
+    _check_positive(result, [f"{n}_{k}" for n in names for k in ("gflop", "ms", "flop_ratio", "time_ratio")])
+    assert result["clip_flop_ratio"] == result["clip_time_ratio"] == 1.0 and result["reference_method"] == "clip"
+    assert {n: result["ran"][n]["input_shape"] for n in names} == {
+        "clip": [8, 3, 16, 16], "disc_only": [8, 12, 8, 8], "gen_only": [8, 12, 8, 8], "diffdis": [8, 12, 8, 8]}
+    flops = {n: result[f"{n}_gflop"] for n in names}
+    assert max(flops["disc_only"], flops["gen_only"]) < flops["diffdis"] < flops["disc_only"] + flops["gen_only"]
+    assert [len(t) for t in result["round_seconds"].values()] == [1] * 4 and result["train_batch"] == 8
+    assert run.main(["methods", "--methods", "diffdis", "--out", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--reference clip" in err and "\n" not in err
+    assert not (tmp_path / "bad.json").exists()
