@@ -77,19 +77,21 @@ def compile_blocks(unet: nn.Module, backend: str = "inductor") -> int:
     return len(blocks)
 
 
-def count_flops(step: Callable[[], object], unet: nn.Module) -> int:
+def count_flops(step: Callable[[], object], unet: Optional[nn.Module] = None) -> int:
     """FLOPs of one call of ``step`` (forward and backward; the optimiser is not counted), with ``unet``'s attention
-    switched to SDPA for the count and switched back after."""
+    (when given) switched to SDPA for the count and switched back after."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    processors = unet.attn_processors
-    unet.set_attn_processor(AttnProcessor2_0())
+    processors = unet.attn_processors if unet is not None else None
+    if unet is not None:
+        unet.set_attn_processor(AttnProcessor2_0())
     try:
         counter = FlopCounterMode(display=False)
         with counter:
             step()
     finally:
-        unet.set_attn_processor(processors)
+        if unet is not None:
+            unet.set_attn_processor(processors)
     return counter.get_total_flops()
 
 

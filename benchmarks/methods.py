@@ -49,19 +49,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _batch(cfg, tokenizer, device: torch.device) -> Dict[str, torch.Tensor]:
     """One training batch of ``train.batch_size`` rows as the trainer's collator makes it."""
+    from diffdis.data.transforms import tokenize
     from diffdis.train.build import load_split, make_collator
 
     rows = load_split(cfg.data, "train", num_samples=cfg.train.batch_size)
     batch = make_collator(cfg, tokenizer, generator=torch.Generator().manual_seed(0))([rows[i] for i in range(len(rows))])
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
+    empty = tokenize(tokenizer, [""])  # (1, L)
     return {"pixel_values": batch["pixel_values"].to(device), "input_ids": batch["input_ids"].to(device),
             "empty_ids": empty.to(device)}
 
 
 def method_step(cfg, device: torch.device) -> Tuple[Callable[[], None], torch.nn.Module, dict]:
     """A method's training step as a call (forward, backward, AdamW step), the module its FLOPs are counted on,
-    and what it ran (method, input shape, trainable parameters)."""
+    and what it ran (input shape, trainable parameters)."""
     from diffdis import methods
     from diffdis.models.components import encode_latents
     from diffdis.train.build import build_optimizer
@@ -88,18 +88,6 @@ def method_step(cfg, device: torch.device) -> Tuple[Callable[[], None], torch.nn
     return step, method, ran
 
 
-def _count(step: Callable[[], None], method: torch.nn.Module) -> int:
-    unet = getattr(method, "unet", None)
-    if unet is not None and hasattr(unet, "attn_processors"):
-        return accel.count_flops(step, unet)
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    return counter.get_total_flops()
-
-
 def run(args, device: torch.device, dtype: torch.dtype) -> dict:
     """FLOPs and median seconds per training step of each method, and their ratios to ``--reference``'s."""
     from diffdis.config import load_config
@@ -114,7 +102,8 @@ def run(args, device: torch.device, dtype: torch.dtype) -> dict:
         if cfg.model.pretrained:
             raise CliError("methods builds each model from the config; model.pretrained is not used here")
         step, module, ran[name] = method_step(cfg, device)
-        flops[name] = _count(step, module)  # also the warm-up of the first call
+        unet = getattr(module, "unet", None)  # a diffusers UNet: its attention counted as SDPA
+        flops[name] = accel.count_flops(step, unet if hasattr(unet, "attn_processors") else None)  # also the warm-up
         steps[name] = step
 
     def rounds(step: Callable[[], None]) -> Callable[[], None]:
