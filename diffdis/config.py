@@ -169,6 +169,7 @@ class LossConfig:
     ita_fraction: float = 1.0  # share of each batch that also takes the discrimination pass (its cost is ~35% of a step)
     ig_fraction: float = 1.0  # share of each batch that takes the generation pass (the discrimination pass sees its own share)
     ita_every: int = 1  # the discrimination pass runs on every k-th step only (whole batch); the others train L_IG alone
+    ita_image_grad: bool = True  # false (needs model.fusion=one_way): the discrimination pass reads the image without gradient (the image side learns from L_IG alone) and trains the text stream on the recorded image keys/values, about a third of the pass's cost
 
 
 @dataclass
@@ -383,6 +384,12 @@ def _validate_evaluation(cfg: Config) -> None:
     z = cfg.zeroshot
     if z.steps < 1 or z.noise_samples < 1:
         raise ConfigError("zeroshot.steps and zeroshot.noise_samples must be at least 1")
+    if not cfg.loss.ita_image_grad and cfg.model.fusion != "one_way":
+        raise ConfigError("loss.ita_image_grad=false needs model.fusion=one_way: with joint fusion the image tokens attend to"
+                          " the text token, so the image side cannot be computed without it")
+    if not cfg.loss.ita_image_grad and cfg.method == "disc_only":
+        raise ConfigError("loss.ita_image_grad=false with method=disc_only would leave the image features untrained"
+                          " (nothing else trains them): use method=diffdis")
     if z.guidance != 0 and cfg.loss.p_uncond == 0:
         raise ConfigError(f"zeroshot.guidance={z.guidance} needs the image-free branch, which loss.p_uncond=0 does not train:"
                           " set zeroshot.guidance=0 or loss.p_uncond > 0")

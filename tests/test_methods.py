@@ -121,3 +121,34 @@ def test_loss_settings_that_shape_the_text_stream_are_read():
     assert method.options.text_scale == 4.0
     with pytest.raises(ConfigError, match="text_scale"):
         load_config(None, ["loss.text_scale=0"])
+
+
+def test_discrimination_pass_without_image_gradient_gives_the_same_loss_and_spares_the_image_side():
+    """loss.ita_image_grad=false: the same L_ITA and text-stream gradient as the full pass, no gradient into the
+    UNet's image-only layers; the config refuses it with joint fusion and with disc_only."""
+    tok = tiny_tokenizer()
+    text = tiny_text_encoder(tok, with_projection=True)
+    unet = DualStreamUNet.from_unet(tiny_unet(), text_dim=text.config.projection_dim, fusion="one_way")
+    components = Components(tok, text, unet, DDPMScheduler(num_train_timesteps=1000))
+    results = {}
+    for grad in (True, False):
+        cfg = load_config(None, ["model.fusion=one_way", f"loss.ita_image_grad={str(grad).lower()}"])
+        method = methods.build(cfg, components)
+        method.zero_grad(set_to_none=True)
+        size, channels = unet.config.sample_size, unet.config.in_channels
+        latents = torch.randn(8, channels, size, size, generator=torch.Generator().manual_seed(0))
+        ids = tok(["a red circle", "a blue square"] * 4, padding="max_length", max_length=16, return_tensors="pt").input_ids
+        ctx, query = method.text_encoder(ids).last_hidden_state, method.text_encoder(ids).text_embeds
+        ita = method.discrimination_loss(latents, query, ctx[:1], torch.Generator().manual_seed(1), gather=False)
+        ita["loss"].backward()
+        conv = unet.unet.down_blocks[0].resnets[0].conv1.weight.grad  # image side only
+        results[grad] = (ita["loss"].detach(), unet.text_head.weight.grad.clone(), unet.fusion_blocks[0].fc_in.weight.grad.clone(),
+                         conv is not None and conv.abs().sum().item() > 0)
+    torch.testing.assert_close(results[False][0], results[True][0])
+    torch.testing.assert_close(results[False][1], results[True][1])
+    torch.testing.assert_close(results[False][2], results[True][2])
+    assert results[True][3] and not results[False][3]
+    with pytest.raises(ConfigError, match="needs model.fusion=one_way"):
+        load_config(None, ["loss.ita_image_grad=false"])
+    with pytest.raises(ConfigError, match="disc_only"):
+        load_config(None, ["method=disc_only", "model.fusion=one_way", "loss.ita_image_grad=false"])

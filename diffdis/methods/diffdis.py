@@ -140,6 +140,11 @@ class DiffDisMethod(Method):
                             generator: torch.Generator, gather: bool = True) -> Dict[str, torch.Tensor]:
         """L_ITA on the batch's first ``ita_fraction`` pairs: denoise the text query conditioned on the clean image.
 
+        With ``loss.ita_image_grad=False`` (``one_way`` fusion) the image side runs without gradient
+        (:meth:`DualStreamUNet.encode_image`) and the text token is denoised against it
+        (:meth:`DualStreamUNet.forward_text_cached`): the same prediction, but L_ITA reaches the UNet only through
+        the text token's own projections.
+
         Returns ``loss`` (its gradient scaled by the number of processes, see below), ``acc_i2t``, ``acc_t2i`` and
         ``logit_scale``.
         """
@@ -152,7 +157,11 @@ class DiffDisMethod(Method):
         uncond = _rand((b,), generator, latents) < opt.p_uncond  # image-condition dropout
         image = torch.where(uncond[:, None, None, None], _randn(latents.shape, generator, latents), latents)
         t_img = torch.where(uncond, torch.full_like(t_e, num_t - 1), torch.zeros_like(t_e))
-        pred_e = self.unet.forward_text(e_t, t_e, image, ctx_empty.expand(b, -1, -1), t_img)  # (B, d_e)
+        ctx = ctx_empty.expand(b, -1, -1)  # (B, L, d)
+        if opt.ita_image_grad:
+            pred_e = self.unet.forward_text(e_t, t_e, image, ctx, t_img)  # (B, d_e)
+        else:  # one_way: the image side without gradient, then the text token against its keys/values
+            pred_e = self.unet.forward_text_cached(e_t, t_e, self.unet.encode_image(image, ctx, t_img))  # (B, d_e)
         if self.unet.config.text_prediction_type == "epsilon":
             pred_e = text_x0_from_eps(e_t, pred_e, t_e, self.alphas_cumprod, opt.text_scale)
         scale = self.unet.logit_scale.exp().clamp(max=opt.logit_scale_max)
