@@ -169,7 +169,7 @@ class LossConfig:
     ita_fraction: float = 1.0  # share of each batch that also takes the discrimination pass (its cost is ~35% of a step)
     ig_fraction: float = 1.0  # share of each batch that takes the generation pass (the discrimination pass sees its own share)
     ita_every: int = 1  # the discrimination pass runs on every k-th step only (whole batch); the others train L_IG alone
-    ita_image_grad: bool = True  # false (needs model.fusion=one_way): the discrimination pass reads the image without gradient (the image side learns from L_IG alone) and trains the text stream on the recorded image keys/values, about a third of the pass's cost
+    ita_image_grad: bool = True  # false (needs model.fusion=one_way): the discrimination pass reads the image without gradient (the image side learns from L_IG alone) and trains the text stream on the recorded image keys/values: a third of the pass's FLOPs, but zero-shot falls to gen_only's level and the FID gain over gen_only vanishes, 3 seeds (docs/EXPERIMENTS.md §19)
 
 
 @dataclass

@@ -82,6 +82,19 @@ def test_method_trains_from_the_command_line_in_two_processes(tmp_path, tiny_ove
     assert "val/loss" in logged
 
 
+def test_discrimination_pass_without_image_gradient_trains_in_two_processes(tmp_path, tiny_overrides):
+    """DDP with loss.ita_image_grad=false: every parameter still gets a gradient each step (no unused-parameter
+    error), and both replicas end with the same weights."""
+    out = tmp_path / "nograd"
+    accelerate(tiny_overrides + ["model.fusion=one_way", "loss.ita_image_grad=false", f"train.output_dir={out}",
+                                 "train.max_steps=3", "train.checkpointing_steps=0", "train.validation_every=0"], num_processes=2)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 3
+    assert summary["replica_param_checksums"][0] == summary["replica_param_checksums"][1]
+    rows = [json.loads(line) for line in (out / "logs" / "history.jsonl").read_text().splitlines()]
+    assert all(r["train/loss_ita"] > 0 for r in rows if "train/loss_ita" in r) and any("train/loss_ita" in r for r in rows)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gen_only", "disc_only"])
 def test_method_models_are_evaluated_on_what_they_train(tmp_path, monkeypatch, tiny_overrides, name):
