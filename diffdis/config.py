@@ -357,6 +357,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("unidiff.weight_itc, weight_is and weight_rsc must be >= 0, not all 0")
     if cfg.loss.ita_every < 1:
         raise ConfigError(f"loss.ita_every={cfg.loss.ita_every} must be at least 1")
+    if not cfg.loss.ita_image_grad and cfg.model.fusion != "one_way":
+        raise ConfigError("loss.ita_image_grad=false needs model.fusion=one_way: with joint fusion the image tokens attend to"
+                          " the text token, so the image side cannot be computed without it")
+    if not cfg.loss.ita_image_grad and cfg.method == "disc_only":
+        raise ConfigError("loss.ita_image_grad=false with method=disc_only would leave the image features untrained"
+                          " (nothing else trains them): use method=diffdis")
     p = cfg.model.patch_size
     if p < 1 or cfg.data.resolution % p:
         raise ConfigError(f"model.patch_size={p} must be at least 1 and divide data.resolution={cfg.data.resolution}")
@@ -384,12 +390,6 @@ def _validate_evaluation(cfg: Config) -> None:
     z = cfg.zeroshot
     if z.steps < 1 or z.noise_samples < 1:
         raise ConfigError("zeroshot.steps and zeroshot.noise_samples must be at least 1")
-    if not cfg.loss.ita_image_grad and cfg.model.fusion != "one_way":
-        raise ConfigError("loss.ita_image_grad=false needs model.fusion=one_way: with joint fusion the image tokens attend to"
-                          " the text token, so the image side cannot be computed without it")
-    if not cfg.loss.ita_image_grad and cfg.method == "disc_only":
-        raise ConfigError("loss.ita_image_grad=false with method=disc_only would leave the image features untrained"
-                          " (nothing else trains them): use method=diffdis")
     if z.guidance != 0 and cfg.loss.p_uncond == 0:
         raise ConfigError(f"zeroshot.guidance={z.guidance} needs the image-free branch, which loss.p_uncond=0 does not train:"
                           " set zeroshot.guidance=0 or loss.p_uncond > 0")

@@ -151,7 +151,9 @@ def test_discrimination_pass_without_image_gradient_gives_the_same_loss_and_spar
         size, channels = unet.config.sample_size, unet.config.in_channels
         latents = torch.randn(8, channels, size, size, generator=torch.Generator().manual_seed(0))
         ids = tok(["a red circle", "a blue square"] * 4, padding="max_length", max_length=16, return_tensors="pt").input_ids
-        ctx, query = method.text_encoder(ids).last_hidden_state, method.text_encoder(ids).text_embeds
+        encoded = method.text_encoder(ids)
+        ctx, query = encoded.last_hidden_state, encoded.text_embeds  # (8, L, d), (8, d_e)
+        # any (1, L, d) context serves here; training passes the empty prompt's
         ita = method.discrimination_loss(latents, query, ctx[:1], torch.Generator().manual_seed(1), gather=False)
         ita["loss"].backward()
         conv = unet.unet.down_blocks[0].resnets[0].conv1.weight.grad  # image side only
